@@ -1,0 +1,97 @@
+"""The daemon's configuration: an INI file, section [himbeerecouch]."""
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SECTION = "himbeerecouch"
+DEFAULT_PATH = Path("/etc/himbeerecouch/himbeerecouch.conf")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    server: str = ""                      # empty: read <state_dir>/server (original location)
+    database: str = "nedm/raspberries"
+    interface: str = "eth0"
+    macid: int | None = None              # overrides the MacID derived from the interface
+    state_dir: Path = Path("/var/rspby")
+    grace_seconds: float = 20.0           # from quit request to SIGKILL of the program's group
+    ca_file: str = ""
+    password_scheme: str = "random"
+    feed_heartbeat_seconds: float = 10.0  # the feed is dead after 3 heartbeats of silence
+    status_interval_seconds: float = 30.0
+    restart_backoff_max_seconds: float = 60.0
+    start_seconds: float = 5.0            # a run this long counts as a good start (resets back-off)
+    max_program_bytes: int = 1024 * 1024  # code + modules of one program
+    request_timeout_seconds: float = 30.0
+    log_level: str = "INFO"
+
+    @property
+    def server_file(self) -> Path:
+        return self.state_dir / "server"
+
+    def server_url(self) -> str:
+        """The configured server, else the one written to the state dir by provisioning."""
+        if self.server:
+            return self.server
+        try:
+            return self.server_file.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return ""
+        except OSError as error:
+            raise ConfigError(f"cannot read {self.server_file}: {error}") from error
+
+
+def _convert(field: dataclasses.Field, raw: str):
+    kind = field.type
+    if kind in ("int | None",):
+        return int(raw, 0) if raw.strip() else None
+    if kind == "int":
+        return int(raw, 0)
+    if kind == "float":
+        value = float(raw)
+        if value <= 0:
+            raise ValueError("must be greater than 0")
+        return value
+    if kind == "Path":
+        return Path(raw)
+    return raw.strip()
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read the config file; a missing default file means all defaults."""
+    parser = configparser.ConfigParser(interpolation=None)
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as stream:
+                parser.read_file(stream)
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+        except configparser.Error as error:
+            raise ConfigError(f"config file {path} is not valid INI: {error}") from error
+    elif DEFAULT_PATH.exists():
+        return load(DEFAULT_PATH)
+    values = {}
+    if parser.has_section(SECTION):
+        fields = {field.name: field for field in dataclasses.fields(Config)}
+        for key, raw in parser.items(SECTION):
+            if key not in fields:
+                # A newer config on an older daemon must not take the Pi offline.
+                log.warning("ignoring unknown key %r in [%s] of %s", key, SECTION, path)
+                continue
+            try:
+                values[key] = _convert(fields[key], raw)
+            except ValueError as error:
+                raise ConfigError(f"bad value for {key!r} in {path}: {raw!r} ({error})") from error
+    config = Config(**values)
+    if config.password_scheme not in ("random", "legacy"):
+        raise ConfigError(f"password_scheme must be 'random' or 'legacy', not {config.password_scheme!r}")
+    return config

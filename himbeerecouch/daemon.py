@@ -1,0 +1,353 @@
+"""The daemon's main loop: one thread owns the programs; everything else sends it events.
+
+Feed changes and connection states (from the follower thread), child exits and output, signals
+and timers all wake one `selectors` loop. Each turn reconciles "programs the documents ask for"
+with "processes that run" (see programs.Supervisor), then publishes the status. Signal handlers
+only record the signal; the loop acts on it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import __version__, documents
+from .config import Config, ConfigError, load
+from .couch import Database, split_credentials, redact
+from .feed import Changed, FeedState, Follower, Snapshot
+from .identity import device_macid
+from .notify import Notifier
+from .programs import State, Supervisor, now_iso
+from .state import StateDir
+from .status import StatusWriter
+
+log = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+LOOP_MAX_SLEEP = 1.0
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | None = None,
+                 environ: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = Notifier(environ)
+        self.events: queue.Queue = queue.Queue()
+        self.selector = selectors.DefaultSelector()
+        self._wake_read, self._wake_write = os.pipe()
+        for fd in (self._wake_read, self._wake_write):
+            os.set_blocking(fd, False)
+        self.selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._signals: list[int] = []
+        self.stopping = False
+        self.started = time.time()
+        self.started_iso = now_iso()
+        self.docs: dict[str, dict] = {}
+        self.feed_connected = False
+        self.feed_error: str | None = None
+        self._status_dirty = True
+        self._pending_seq: Any = None
+        self.follower: Follower | None = None
+        self.writer: StatusWriter | None = None
+        self._setup(config)
+
+    # ---- set-up (also on SIGHUP) ----------------------------------------------------------
+
+    def _setup(self, config: Config) -> None:
+        self.config = config
+        self.macid = device_macid(config)
+        self.server_url = config.server_url()
+        owner = {"server": redact(self.server_url), "database": config.database, "macid": self.macid}
+        self.state = StateDir(config.state_dir, owner)
+        try:
+            self.state.prepare()
+            workdir = str(config.state_dir)
+        except OSError as error:
+            log.error("cannot use state dir %s: %s; nothing is kept across restarts",
+                      config.state_dir, error)
+            workdir = "/"
+        database_settings = None
+        if self.server_url:
+            database_settings = {"url": self.server_url, "name": config.database,
+                                 "credentials": self._credentials(), "ca_file": config.ca_file}
+        if not hasattr(self, "supervisor"):
+            self.supervisor = Supervisor(
+                grace_seconds=config.grace_seconds, start_seconds=config.start_seconds,
+                backoff_cap=config.restart_backoff_max_seconds, workdir=workdir,
+                database_settings=database_settings, watch_fd=self._watch_fd,
+                unwatch_fd=self.selector.unregister, on_change=self._mark_status)
+        else:
+            supervisor = self.supervisor
+            supervisor.grace_seconds = config.grace_seconds
+            supervisor.start_seconds = config.start_seconds
+            supervisor.backoff_cap = config.restart_backoff_max_seconds
+            supervisor.workdir = workdir
+            supervisor.database_settings = database_settings
+        self.docs = self.state.load_code()
+        if self.docs:
+            log.info("last-known code: %d document(s) from %s", len(self.docs), self.state.path)
+
+    def _credentials(self) -> tuple[str, str] | None:
+        # The URL's own user:password wins; device credentials come with the identity module.
+        _, credentials = split_credentials(self.server_url)
+        return credentials
+
+    def _connect(self) -> Database:
+        return Database(self.server_url, self.config.database, credentials=self._credentials(),
+                        ca_file=self.config.ca_file, timeout=self.config.request_timeout_seconds)
+
+    def _start_threads(self) -> None:
+        if not self.server_url:
+            log.warning("no server configured (server in the config file, or %s): running the "
+                        "last-known code only", self.config.server_file)
+            return
+        log.info("MacID %d, database %s on %s", self.macid, self.config.database, redact(self.server_url))
+        self.follower = Follower(connect=self._connect, macid=self.macid, since=self.state.load_seq(),
+                                 heartbeat_seconds=self.config.feed_heartbeat_seconds,
+                                 backoff_cap=self.config.restart_backoff_max_seconds, emit=self._emit)
+        self.writer = StatusWriter(connect=self._connect, doc_id=f"{self.macid}_heartbeat",
+                                   interval=self.config.status_interval_seconds)
+        self.follower.start()
+        self.writer.start()
+
+    def _stop_threads(self) -> None:
+        if self.follower:
+            self.follower.stop()
+        if self.writer:
+            self.writer.stop()
+        self.follower = self.writer = None
+
+    # ---- wake-ups -------------------------------------------------------------------------
+
+    def _emit(self, event: object) -> None:
+        """Called from other threads: queue the event and wake the loop."""
+        self.events.put(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass                        # the pipe is full: the loop is awake anyway
+
+    def _watch_fd(self, fd: int, owner: Any) -> None:
+        self.selector.register(fd, selectors.EVENT_READ, owner)
+
+    def _mark_status(self) -> None:
+        self._status_dirty = True
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)     # the loop acts on it; set_wakeup_fd wakes the loop
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in HANDLED_SIGNALS}
+        previous_wakeup = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        try:
+            self._reconcile()          # last-known code runs before any server is reached
+            self.notifier.ready(self._summary())
+            self._start_threads()
+            self._loop()
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.supervisor.close()
+        log.info("stopped")
+        return 0
+
+    def _loop(self) -> None:
+        next_deadline: float | None = None
+        while True:
+            timeout = LOOP_MAX_SLEEP
+            for due in (next_deadline, self.notifier.watchdog_due()):
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - time.monotonic()))
+            for key, _ in self.selector.select(timeout):
+                if key.data is None:
+                    self._drain_wake_pipe()
+                else:
+                    key.data.read(key.fd)
+            self._handle_signals()
+            self._handle_events()
+            next_deadline = self.supervisor.tick()
+            if self.stopping and not self.supervisor.alive():
+                break
+            self._publish_status()
+            self._check_threads()
+            self.notifier.ping_watchdog()
+        self._finish()
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.handle_term(signum)
+            elif signum == signal.SIGHUP:
+                self.handle_hup()
+            elif signum == signal.SIGUSR1:
+                self.handle_usr1()
+            # SIGCHLD only wakes the loop: tick() reaps.
+
+    def handle_term(self, signum: int) -> None:
+        if self.stopping:
+            log.warning("second %s: killing every program now", signal.Signals(signum).name)
+            for program in self.supervisor.alive():
+                program.deadline = 0.0
+            return
+        log.info("%s: stopping every program (grace %.0f s)", signal.Signals(signum).name,
+                 self.config.grace_seconds)
+        self.stopping = True
+        self.notifier.stopping()
+        if self.follower:
+            self.follower.stop()
+        self.supervisor.stop_all("the daemon is stopping")
+
+    def handle_hup(self) -> None:
+        if self.stopping:
+            return
+        log.info("SIGHUP: re-reading %s and resynchronising", self.config_path or "the configuration")
+        try:
+            config = load(self.config_path)
+            self._stop_threads()
+            self._setup(config)
+        except (ConfigError, OSError, ValueError) as error:
+            log.error("keeping the running configuration: %s", error)
+            return
+        self._drop_stale_events()
+        self._reconcile()
+        self._start_threads()
+
+    def handle_usr1(self) -> None:
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        for ident, frame in sys._current_frames().items():
+            stack = "".join(traceback.format_stack(frame))
+            log.info("stack of thread %s:\n%s", names.get(ident, ident), stack.rstrip())
+
+    def _drop_stale_events(self) -> None:
+        try:
+            while True:
+                self.events.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _handle_events(self) -> None:
+        code_changed = False
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(event, Snapshot):
+                docs = {doc["_id"]: doc for doc in event.docs if documents.is_code_doc(doc, self.macid)}
+                code_changed |= docs != self.docs
+                self.docs = docs
+                self._pending_seq = event.seq
+            elif isinstance(event, Changed):
+                code_changed |= self._apply_change(event.change)
+                self._pending_seq = event.change.seq
+            elif isinstance(event, FeedState):
+                if (event.connected, event.error) != (self.feed_connected, self.feed_error):
+                    self.feed_connected, self.feed_error = event.connected, event.error
+                    self._mark_status()
+        if self.stopping:
+            return
+        if code_changed:
+            self._reconcile()
+            self.state.save_code(self.docs)
+        if self._pending_seq is not None:
+            # Only after the code it covers is applied and cached: a replay is harmless, a gap is not.
+            self.state.save_seq(self._pending_seq)
+            self._pending_seq = None
+
+    def _apply_change(self, change) -> bool:
+        doc = change.doc
+        if change.deleted or doc is None or not documents.is_code_doc(doc, self.macid):
+            return self.docs.pop(change.doc_id, None) is not None
+        if self.docs.get(change.doc_id, {}).get("_rev") == doc.get("_rev"):
+            return False                  # seen already (a replay after a reconnect)
+        self.docs[change.doc_id] = doc
+        return True
+
+    def _reconcile(self) -> None:
+        specs = [documents.parse(doc, self.config.max_program_bytes) for doc in self.docs.values()]
+        global_modules = documents.merged_global_modules(specs)
+        wanted = {}
+        for spec in specs:
+            fingerprint = documents.fingerprint(spec, global_modules)
+            if not spec.error:
+                spec = dataclasses.replace(spec, global_modules=global_modules)
+            wanted[spec.doc_id] = (spec, fingerprint)
+        self.supervisor.apply(wanted)
+
+    def _check_threads(self) -> None:
+        for thread in (self.follower, self.writer):
+            if thread is not None and not thread.is_alive():
+                log.error("%s thread ended unexpectedly; restarting the connection", thread.name)
+                self._stop_threads()
+                self._start_threads()
+                return
+
+    # ---- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        programs = {doc_id: p.status() for doc_id, p in sorted(self.supervisor.programs.items())}
+        return {
+            "macid": self.macid,
+            "hostname": socket.gethostname(),
+            "version": __version__,
+            "started": self.started_iso,
+            "uptime": round(time.time() - self.started),
+            "daemon": "stopping" if self.stopping else "running",
+            "server_connected": self.feed_connected,
+            "server_error": self.feed_error,
+            "running_ids": [doc_id for doc_id, p in programs.items()
+                            if p["state"] in (State.STARTING.value, State.RUNNING.value)],
+            "programs": programs,
+        }
+
+    def _summary(self) -> str:
+        states = [p.state for p in self.supervisor.programs.values()]
+        running = sum(s in (State.STARTING, State.RUNNING) for s in states)
+        failed = sum(s in (State.FATAL, State.BACKOFF) for s in states)
+        server = ("no server" if not self.server_url else
+                  "server connected" if self.feed_connected else "server unreachable")
+        text = f"{running} program(s) running"
+        if failed:
+            text += f", {failed} failing"
+        return f"{text}; {server}"
+
+    def _publish_status(self) -> None:
+        if not self._status_dirty:
+            return
+        self._status_dirty = False
+        self.notifier.status(self._summary())
+        if self.writer:
+            self.writer.publish(self.status())
+
+    def _finish(self) -> None:
+        if self.follower:
+            self.follower.stop()
+        if self.writer:
+            final = self.status()
+            final["daemon"] = "stopped"
+            self.writer.finish(final, timeout=3.0)

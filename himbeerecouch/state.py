@@ -1,0 +1,94 @@
+"""What the daemon keeps on the Pi's disk between runs (the state dir, /var/rspby).
+
+- code.json: the last-known code documents, so programs start while the server is away;
+- checkpoint.json: the last processed seq of the changes feed, to resume where it stopped.
+Both belong to one (server, database, MacID): after a change of any of them, or on a card
+cloned into another Pi, they are ignored rather than applied to the wrong device.
+Every write is atomic (temp file, fsync, rename), so a power cut leaves the old or the new file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so that readers see the old or the new content, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            os.fchmod(stream.fileno(), mode)
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # The rename itself is durable only once the directory is synced.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class StateDir:
+    CODE = "code.json"
+    CHECKPOINT = "checkpoint.json"
+
+    def __init__(self, path: Path, owner: dict[str, Any]) -> None:
+        # `owner` names whose state this is: server (without password), database, macid.
+        self.path = Path(path)
+        self.owner = owner
+
+    def prepare(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _read(self, name: str) -> dict | None:
+        file = self.path / name
+        try:
+            content = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            log.warning("ignoring unreadable %s: %s", file, error)
+            return None
+        if not isinstance(content, dict) or content.get("owner") != self.owner:
+            log.info("ignoring %s: it belongs to %s, not %s", file,
+                     content.get("owner") if isinstance(content, dict) else "?", self.owner)
+            return None
+        return content
+
+    def _write(self, name: str, content: dict) -> bool:
+        """Write; a full or read-only disk is logged and survived (the server still has it all)."""
+        try:
+            write_atomic(self.path / name, json.dumps({"owner": self.owner, **content}).encode())
+            return True
+        except OSError as error:
+            log.error("cannot write %s: %s", self.path / name, error)
+            return False
+
+    def load_code(self) -> dict[str, dict]:
+        content = self._read(self.CODE)
+        docs = content.get("docs") if content else None
+        return docs if isinstance(docs, dict) else {}
+
+    def save_code(self, docs: dict[str, dict]) -> bool:
+        return self._write(self.CODE, {"docs": docs})
+
+    def load_seq(self) -> Any:
+        content = self._read(self.CHECKPOINT)
+        return content.get("seq") if content else None
+
+    def save_seq(self, seq: Any) -> bool:
+        return self._write(self.CHECKPOINT, {"seq": seq})

@@ -1,0 +1,110 @@
+"""The status (heartbeat) document `<MacID>_heartbeat`, written off the main loop.
+
+The main loop publishes the newest status whenever something changed; this thread writes the
+newest one it has, at once and then every `interval` seconds, so a slow or absent server never
+holds up the programs. A conflict (someone else wrote the document) is resolved by taking the
+server's `_rev` and writing again: the device owns this document.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from .couch import CONNECTION_ERRORS, Conflict, Database
+from .programs import now_iso
+
+log = logging.getLogger(__name__)
+
+
+def local_ip(server_url: str) -> str | None:
+    """The address this Pi uses to reach the server (a UDP connect sends no packet)."""
+    parts = urlsplit(server_url)
+    if not parts.hostname:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((parts.hostname, parts.port or 80))
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+class StatusWriter(threading.Thread):
+    COALESCE_SECONDS = 0.1      # a burst of changes becomes one write
+
+    def __init__(self, *, connect: Callable[[], Database], doc_id: str, interval: float) -> None:
+        super().__init__(name="status-writer", daemon=True)
+        self._connect = connect
+        self.doc_id = doc_id
+        self.interval = interval
+        self._latest: dict[str, Any] | None = None
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self._rev: str | None = None
+        self._db: Database | None = None
+        self._failing = False
+        self._last_write = False
+        self.writes = 0
+
+    def publish(self, status: dict[str, Any]) -> None:
+        with self._lock:
+            self._latest = status
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self._wake.set()
+
+    def finish(self, status: dict[str, Any], timeout: float) -> None:
+        """Write `status` as the last word, waiting at most `timeout` seconds for it."""
+        self._last_write = True
+        self.publish(status)
+        self.join(timeout)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self._wake.wait(self.interval)
+            if self._stop_event.is_set():
+                return
+            if not self._last_write:
+                self._stop_event.wait(self.COALESCE_SECONDS)
+            self._wake.clear()
+            with self._lock:
+                status = self._latest
+            if status is not None:
+                self.write(status)
+            if self._last_write:
+                return
+
+    def write(self, status: dict[str, Any]) -> bool:
+        try:
+            if self._db is None:
+                self._db = self._connect()
+            doc = {"_id": self.doc_id, **status, "type": "heartbeat",
+                   "ip": local_ip(self._db.server_url), "timestamp": now_iso()}
+            for _ in range(3):
+                if self._rev:
+                    doc["_rev"] = self._rev
+                try:
+                    self._rev = self._db.put(doc)["_rev"]
+                    break
+                except Conflict:
+                    current = self._db.get(self.doc_id)
+                    self._rev = current["_rev"] if current else None
+            else:
+                raise Conflict("status document keeps changing under us")
+        except (*CONNECTION_ERRORS, OSError) as error:
+            if not self._failing:
+                log.warning("cannot write the status document: %s", error)
+            self._failing = True
+            self._db = None
+            return False
+        if self._failing:
+            log.info("status document written again")
+        self._failing = False
+        self.writes += 1
+        return True
