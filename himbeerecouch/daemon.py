@@ -330,7 +330,8 @@ class Daemon:
         running = sum(s in (State.STARTING, State.RUNNING) for s in states)
         failed = sum(s in (State.FATAL, State.BACKOFF) for s in states)
         server = ("no server" if not self.server_url else
-                  "server connected" if self.feed_connected else "server unreachable")
+                  "server connected" if self.feed_connected else
+                  "server unreachable" if self.feed_error else "connecting to the server")
         text = f"{running} program(s) running"
         if failed:
             text += f", {failed} failing"
