@@ -76,7 +76,6 @@ def parse(doc: dict, max_bytes: int) -> ProgramSpec:
     name = doc.get("name")
     if not isinstance(name, str) or not name.strip():
         name = doc_id
-    spec = ProgramSpec(doc_id=doc_id, rev=rev, name=name)
     try:
         code = doc.get("code")
         modules = _string_dict(doc, "modules")

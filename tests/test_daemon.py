@@ -1,14 +1,14 @@
 """The daemon against the real CouchDB-protocol test server: programs follow their documents."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
 import pytest
 
-from conftest import marker_program, starts, wait_for
+from conftest import marker_program, starts
+from support import wait_for
 
 pytestmark = pytest.mark.integration
 MACID = 202481596538417

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -10,9 +9,10 @@ import uuid
 
 import pytest
 
-from conftest import ADMIN, AdminClient, CouchServer, free_port, marker_program, starts, wait_for
+from conftest import marker_program, starts
+from support import ADMIN, AdminClient, CouchServer, DaemonProcess, free_port, wait_for
 from himbeerecouch.couch import Database
-from himbeerecouch.feed import Changed, FeedState, Follower, Snapshot
+from himbeerecouch.feed import Changed, Follower, Snapshot
 from netproxy import Relay
 
 pytestmark = pytest.mark.integration
@@ -109,7 +109,6 @@ def test_server_killed_and_restarted_while_programs_run(tmp_path):
         admin = AdminClient(server.url, f"test_{uuid.uuid4().hex[:8]}")
         admin.create_db()
         first = admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "p")})
-        from conftest import DaemonProcess
         (tmp_path / "d").mkdir()
         daemon = DaemonProcess(tmp_path / "d", server.admin_url, admin.db, MACID)
         daemon.start()

@@ -1,5 +1,4 @@
 """Small pieces without a server: back-off, state files, identity, configuration."""
-import json
 import os
 import random
 from pathlib import Path
