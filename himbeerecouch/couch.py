@@ -106,7 +106,8 @@ class Database:
         return list(result.get("docs", []))
 
     def changes(self, since: Any, selector: dict, heartbeat_seconds: float) -> Iterator[Change | None]:
-        """Follow the continuous changes feed: yields a Change per change, None per heartbeat.
+        """Follow the continuous changes feed: yields None once the feed is open, then a Change
+        per change and None per heartbeat.
 
         The selector goes in the POST body, as CouchDB 3 expects. The read timeout is three
         heartbeats, so a half-open connection raises instead of hanging forever.
@@ -122,6 +123,7 @@ class Database:
             if response.status_code >= 400:
                 raise couch_errors.GenericError(
                     f"changes feed refused: HTTP {response.status_code} {response.text[:200]}")
+            yield None
             for line in _lines(response):
                 if not line.strip():
                     yield None

@@ -83,7 +83,7 @@ def main() -> int:
                           f"state_dir = {workdir / 'state'}\n"
                           "grace_seconds = 5\n")
         edit = json.dumps({"type": macid, "name": "hello",
-                           "code": "def main():\n    log('edited!')\n"})
+                           "code": 'def main():\n    log("edited!")\n'})
         print(f"""
 himbeerecouch demo: server http://127.0.0.1:{port} (admin {ADMIN[0]}:{ADMIN[1]}), database {DATABASE},
 MacID {macid}. The sample program is the document demo-hello. Edit it from another terminal:

@@ -191,3 +191,16 @@ def test_programs_do_not_inherit_the_notify_socket(admin, make_daemon, tmp_path)
         assert notify.count("STOPPING=1") == 1
     finally:
         notify.close()
+
+
+def test_an_unwritable_state_dir_is_survived(admin, make_daemon, tmp_path):
+    admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "p")})
+    daemon = make_daemon()
+    # A directory where the cache file belongs: every write of it fails, as on a full card.
+    (daemon.state_dir / "code.json").mkdir(parents=True)
+    daemon.start()
+    wait_for(lambda: starts(tmp_path, "p"), message="the program")
+    daemon.wait_log("cannot write")
+    admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "p", '    log("still")')})
+    daemon.wait_log("p: still")
+    assert daemon.process.poll() is None
