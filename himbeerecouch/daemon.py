@@ -57,6 +57,7 @@ class Daemon:
         self.feed_error: str | None = None
         self._status_dirty = True
         self._pending_seq: Any = None
+        self._generation = 0
         self.follower: Follower | None = None
         self.writer: StatusWriter | None = None
         self._setup(config)
@@ -112,9 +113,13 @@ class Daemon:
                         "last-known code only", self.config.server_file)
             return
         log.info("MacID %d, database %s on %s", self.macid, self.config.database, redact(self.server_url))
+        # Events of a follower replaced by SIGHUP (it ends at its next line) are dropped.
+        self._generation += 1
+        generation = self._generation
         self.follower = Follower(connect=self._connect, macid=self.macid, since=self.state.load_seq(),
                                  heartbeat_seconds=self.config.feed_heartbeat_seconds,
-                                 backoff_cap=self.config.restart_backoff_max_seconds, emit=self._emit)
+                                 backoff_cap=self.config.restart_backoff_max_seconds,
+                                 emit=lambda event: self._emit((generation, event)))
         self.writer = StatusWriter(connect=self._connect, doc_id=f"{self.macid}_heartbeat",
                                    interval=self.config.status_interval_seconds)
         self.follower.start()
@@ -232,7 +237,6 @@ class Daemon:
         except (ConfigError, OSError, ValueError) as error:
             log.error("keeping the running configuration: %s", error)
             return
-        self._drop_stale_events()
         self._reconcile()
         self._start_threads()
 
@@ -242,20 +246,15 @@ class Daemon:
             stack = "".join(traceback.format_stack(frame))
             log.info("stack of thread %s:\n%s", names.get(ident, ident), stack.rstrip())
 
-    def _drop_stale_events(self) -> None:
-        try:
-            while True:
-                self.events.get_nowait()
-        except queue.Empty:
-            pass
-
     def _handle_events(self) -> None:
         code_changed = False
         while True:
             try:
-                event = self.events.get_nowait()
+                generation, event = self.events.get_nowait()
             except queue.Empty:
                 break
+            if generation != self._generation:
+                continue
             if isinstance(event, Snapshot):
                 docs = {doc["_id"]: doc for doc in event.docs if documents.is_code_doc(doc, self.macid)}
                 code_changed |= docs != self.docs

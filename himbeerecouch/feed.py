@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from . import documents
 from .backoff import Backoff
-from .couch import CONNECTION_ERRORS, Change, Database
+from .couch import CONNECTION_ERRORS, Change, Database, NotFound, redact
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,10 @@ class Follower(threading.Thread):
 
     def _follow(self) -> None:
         db = self._connect()
-        current = db.update_seq()                      # before the read: nothing falls in between
+        try:
+            current = db.update_seq()                  # before the read: nothing falls in between
+        except NotFound:
+            raise NotFound(f"database {db.name!r} does not exist on {redact(db.server_url)}") from None
         if self.since is None:
             self.since = current
         elif seq_ahead(self.since, current):

@@ -204,3 +204,15 @@ def test_an_unwritable_state_dir_is_survived(admin, make_daemon, tmp_path):
     admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "p", '    log("still")')})
     daemon.wait_log("p: still")
     assert daemon.process.poll() is None
+
+
+def test_a_missing_database_is_named_and_retried(couch, admin, make_daemon, tmp_path):
+    daemon = make_daemon()
+    daemon.settings["database"] = admin.db + "_later"
+    daemon.write_config()
+    daemon.start()
+    daemon.wait_log(f"database '{admin.db}_later' does not exist")
+    later = AdminClient(couch.url, admin.db + "_later")
+    later.create_db()
+    later.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "p")})
+    wait_for(lambda: starts(tmp_path, "p"), timeout=20, message="the program once the database exists")
