@@ -6,9 +6,13 @@ import json
 import logging
 import sys
 
-from . import __version__
+from pathlib import Path
+
+from . import __version__, credentials
 from .config import ConfigError, load
-from .identity import IdentityError, device_macid
+from .identity import IdentityError
+
+ISSUE_FILE = Path("/etc/issue.d/himbeerecouch.issue")
 
 log = logging.getLogger("himbeerecouch")
 
@@ -52,20 +56,49 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def creds_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="himbeerecouch-creds",
-                                     description="Print this device's MacID and CouchDB password.")
+    parser = argparse.ArgumentParser(
+        prog="himbeerecouch-creds",
+        description="Print this device's MacID and CouchDB password (the CouchDB user to create "
+                    "for it). Run as root, or as the service user, to read them.")
     _add_config(parser)
-    parser.add_argument("--json", action="store_true", help="print a JSON object")
+    parser.add_argument("--json", action="store_true", help='print {"MacID": ..., "password": ...}')
+    parser.add_argument("--firstboot", action="store_true",
+                        help="make the credentials when missing or when the identity changed, print "
+                             "them for the console and update the login prompt (the first-boot unit)")
+    parser.add_argument("--issue-file", default=str(ISSUE_FILE), metavar="PATH",
+                        help=f"login prompt snippet written by --firstboot (default {ISSUE_FILE})")
     args = parser.parse_args(argv)
     try:
-        macid = device_macid(load(args.config))
-    except (ConfigError, IdentityError) as error:
+        config = load(args.config)
+        create = args.firstboot or credentials.can_create(config)
+        creds, new = credentials.load_or_create(config, create=create)
+        if args.firstboot:
+            _write_issue(Path(args.issue_file), creds)
+    except (ConfigError, IdentityError, credentials.CredentialsError) as error:
         print(f"himbeerecouch-creds: {error}", file=sys.stderr)
-        return 2
-    # Device passwords arrive with the identity work; until then say so instead of inventing one.
+        return 1
+    except OSError as error:
+        print(f"himbeerecouch-creds: {error}", file=sys.stderr)
+        return 1
     if args.json:
-        print(json.dumps({"MacID": macid, "password": None}))
+        print(json.dumps({"MacID": creds.macid, "password": creds.password}))
+    elif args.firstboot:
+        headline = ("NEW device credentials: create this CouchDB user" if new
+                    else "device credentials")
+        print(f"himbeerecouch: {headline}")
+        print(f"himbeerecouch:   MacID (user name): {creds.macid}")
+        print(f"himbeerecouch:   password:          {creds.password}")
     else:
-        print(f"MacID:    {macid}")
-        print("password: (not available: this version makes no device password yet)")
+        print(f"MacID:    {creds.macid}")
+        print(f"password: {creds.password}")
+        if new:
+            print("(new: made just now)", file=sys.stderr)
     return 0
+
+
+def _write_issue(path: Path, creds) -> None:
+    """The console's login prompt shows the credentials (agetty reads /etc/issue.d as root)."""
+    from .state import write_atomic
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"himbeerecouch: MacID {creds.macid}  password {creds.password}\n\n"
+    write_atomic(path, text.encode(), mode=0o600)

@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Any
 
-from . import __version__, documents
+from . import __version__, credentials, documents
 from .config import Config, ConfigError, load
 from .couch import Database, split_credentials, redact
 from .feed import Changed, FeedState, Follower, Snapshot
@@ -67,6 +67,7 @@ class Daemon:
     def _setup(self, config: Config) -> None:
         self.config = config
         self.macid = device_macid(config)
+        self._device_credentials: tuple[str, str] | None = None
         self.server_url = config.server_url()
         owner = {"server": redact(self.server_url), "database": config.database, "macid": self.macid}
         self.state = StateDir(config.state_dir, owner)
@@ -99,9 +100,21 @@ class Daemon:
             log.info("last-known code: %d document(s) from %s", len(self.docs), self.state.path)
 
     def _credentials(self) -> tuple[str, str] | None:
-        # The URL's own user:password wins; device credentials come with the identity module.
-        _, credentials = split_credentials(self.server_url)
-        return credentials
+        """The URL's own user:password (admin use, tests), else this device's credentials."""
+        _, url_credentials = split_credentials(self.server_url)
+        if url_credentials:
+            return url_credentials
+        if self._device_credentials is None:
+            try:
+                device, new = credentials.load_or_create(self.config, create=True, macid=self.macid)
+            except credentials.CredentialsError as error:
+                log.error("connecting without credentials: %s", error)
+                return None
+            if new:
+                log.warning("made new device credentials for MacID %d (himbeerecouch-creds shows them)",
+                            device.macid)
+            self._device_credentials = (device.user, device.password)
+        return self._device_credentials
 
     def _connect(self) -> Database:
         return Database(self.server_url, self.config.database, credentials=self._credentials(),
