@@ -31,6 +31,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Daemon(config, args.config).run()
 
 
+def cmd_broadcast(args: argparse.Namespace) -> int:
+    from .discovery import broadcast_message
+    print(f"asking unprovisioned Pis on {args.address}:{args.port} for {args.timeout:g} s ...", file=sys.stderr)
+    try:
+        replies = broadcast_message(args.url, timeout=args.timeout, address=args.address, port=args.port)
+    except OSError as error:
+        print(f"himbeerecouch broadcast: cannot send: {error}", file=sys.stderr)
+        return 1
+    for (ip, port), reply in sorted(replies.items()):
+        if args.json:
+            print(json.dumps({"address": ip, "port": port, **reply}))
+        else:
+            print(f"{ip}  MacID {reply.get('MacID')}  password {reply.get('password')}")
+    if not replies:
+        print("no answer: every Pi on this network is provisioned, or broadcasts do not reach them "
+              "(use himbeerecouch-creds at the Pi's console instead)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="himbeerecouch",
@@ -43,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      help="override log_level of the config file")
     run.set_defaults(func=cmd_run)
+    broadcast = commands.add_parser(
+        "broadcast", help="provision Pis on this network with a server URL (UDP discovery)",
+        description="Send the server URL to every unprovisioned Pi on the local network (UDP port "
+                    "53000) and print the MacID and password each one answers with.")
+    broadcast.add_argument("url", help="CouchDB server URL the Pis are to follow")
+    broadcast.add_argument("--timeout", type=float, default=10, help="seconds to wait for answers (10)")
+    broadcast.add_argument("--address", default="<broadcast>", help="where to send (default: broadcast)")
+    broadcast.add_argument("--port", type=int, default=53000, help="UDP port (53000)")
+    broadcast.add_argument("--json", action="store_true", help="one JSON object per answer")
+    broadcast.set_defaults(func=cmd_broadcast)
     return parser
 
 

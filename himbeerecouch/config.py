@@ -32,6 +32,13 @@ class Config:
     start_seconds: float = 5.0            # a run this long counts as a good start (resets back-off)
     max_program_bytes: int = 1024 * 1024  # code + modules of one program
     request_timeout_seconds: float = 30.0
+    command_timeout_seconds: float = 600.0   # when a command document gives no "timeout"
+    command_output_cap_bytes: int = 1024 * 1024   # kept per stream (stdout, stderr)
+    max_parallel_commands: int = 2
+    provisioning: str = "auto"            # LAN discovery: auto (only while no server), open, off
+    discovery_address: str = ""           # address the discovery listener binds (all by default)
+    discovery_port: int = 53000
+    led_pin: int | None = 16              # BCM pin blinked while waiting for provisioning; empty: none
     log_level: str = "INFO"
 
     @property
@@ -92,6 +99,10 @@ def load(path: str | Path | None = None) -> Config:
             except ValueError as error:
                 raise ConfigError(f"bad value for {key!r} in {path}: {raw!r} ({error})") from error
     config = Config(**values)
+    if config.max_parallel_commands < 1 or config.command_output_cap_bytes < 1:
+        raise ConfigError("max_parallel_commands and command_output_cap_bytes must be at least 1")
+    if config.provisioning not in ("auto", "open", "off"):
+        raise ConfigError(f"provisioning must be 'auto', 'open' or 'off', not {config.provisioning!r}")
     if config.password_scheme not in ("random", "legacy"):
         raise ConfigError(f"password_scheme must be 'random' or 'legacy', not {config.password_scheme!r}")
     return config

@@ -55,6 +55,18 @@ def doc_path(doc_id: str) -> str:
     return quote(doc_id, safe="")
 
 
+def describe_error(error: BaseException) -> str:
+    """A server's refusal or a network failure, in one readable line."""
+    detail = error.args[0] if error.args else None
+    if isinstance(detail, dict):
+        if detail.get("error") == "unauthorized":
+            return f"the server refused our credentials: {detail.get('reason', '')}".rstrip(": ")
+        if detail.get("error") == "forbidden":
+            return f"the server forbids it: {detail.get('reason', '')}".rstrip(": ")
+        return f"{detail.get('error', 'error')}: {detail.get('reason', '')}".rstrip(": ")
+    return str(error) or type(error).__name__
+
+
 @dataclass(frozen=True)
 class Change:
     seq: Any            # opaque: CouchDB 2+ sends strings, others integers

@@ -22,15 +22,22 @@ from typing import Any
 
 from . import __version__, credentials, documents
 from .config import Config, ConfigError, load
+from .commands import CommandRunner, Limits
 from .couch import Database, split_credentials, redact
+from .discovery import ProvisioningListener
 from .feed import Changed, FeedState, Follower, Snapshot
 from .identity import device_macid
 from .notify import Notifier
 from .programs import State, Supervisor, now_iso
-from .state import StateDir
+from .state import StateDir, write_atomic
 from .status import StatusWriter
 
 log = logging.getLogger(__name__)
+
+@dataclasses.dataclass(frozen=True)
+class Provisioned:
+    url: str
+
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 LOOP_MAX_SLEEP = 1.0
@@ -60,6 +67,8 @@ class Daemon:
         self._generation = 0
         self.follower: Follower | None = None
         self.writer: StatusWriter | None = None
+        self.commands: CommandRunner | None = None
+        self.discovery: ProvisioningListener | None = None
         self._setup(config)
 
     # ---- set-up (also on SIGHUP) ----------------------------------------------------------
@@ -121,29 +130,78 @@ class Daemon:
                         ca_file=self.config.ca_file, timeout=self.config.request_timeout_seconds)
 
     def _start_threads(self) -> None:
+        # Events of threads replaced since (SIGHUP, provisioning) are dropped: they end only
+        # at their next line.
+        self._generation += 1
+        self._start_discovery()
         if not self.server_url:
             log.warning("no server configured (server in the config file, or %s): running the "
                         "last-known code only", self.config.server_file)
             return
         log.info("MacID %d, database %s on %s", self.macid, self.config.database, redact(self.server_url))
-        # Events of a follower replaced by SIGHUP (it ends at its next line) are dropped.
-        self._generation += 1
         generation = self._generation
         self.follower = Follower(connect=self._connect, macid=self.macid, since=self.state.load_seq(),
                                  heartbeat_seconds=self.config.feed_heartbeat_seconds,
                                  backoff_cap=self.config.restart_backoff_max_seconds,
                                  emit=lambda event: self._emit((generation, event)))
+        self.commands = CommandRunner(
+            connect=self._connect, macid=self.macid, state=self.state, max_parallel=self.config.max_parallel_commands,
+            limits=Limits(timeout=self.config.command_timeout_seconds,
+                          output_cap=self.config.command_output_cap_bytes, workdir=self.supervisor.workdir))
+        self.commands.start()
         self.writer = StatusWriter(connect=self._connect, doc_id=f"{self.macid}_heartbeat",
                                    interval=self.config.status_interval_seconds)
         self.follower.start()
         self.writer.start()
 
+    def _start_discovery(self) -> None:
+        """Listen for LAN provisioning while no server is known (or when told to stay open)."""
+        mode = self.config.provisioning
+        if mode == "off" or (mode == "auto" and self.server_url):
+            return
+        generation = self._generation
+        try:
+            self.discovery = ProvisioningListener(
+                credentials=self._discovery_credentials,
+                on_server=lambda url: self._emit((generation, Provisioned(url))),
+                address=self.config.discovery_address, port=self.config.discovery_port,
+                led_pin=self.config.led_pin)
+        except OSError as error:
+            log.error("cannot listen for discovery on port %d: %s", self.config.discovery_port, error)
+            return
+        self.discovery.start()
+        log.info("waiting for a server: listening for discovery on UDP port %d", self.discovery.port)
+
+    def _discovery_credentials(self) -> tuple[int, str]:
+        device, _ = credentials.load_or_create(self.config, create=True, macid=self.macid)
+        return device.macid, device.password
+
+    def _provisioned(self, url: str) -> None:
+        """A discovery request named our server: keep it where the original kept it, follow it."""
+        try:
+            write_atomic(self.config.server_file, (url + "\n").encode())
+        except OSError as error:
+            log.error("cannot store the server URL in %s: %s", self.config.server_file, error)
+            return
+        log.info("provisioned by discovery: server %s", redact(url))
+        if self.config.server:
+            log.warning("the config file names server %s, which takes precedence over %s",
+                        redact(self.config.server), self.config.server_file)
+        self._stop_threads()
+        self._setup(self.config)
+        self._reconcile()
+        self._start_threads()
+
     def _stop_threads(self) -> None:
+        if self.discovery:
+            self.discovery.stop()
         if self.follower:
             self.follower.stop()
         if self.writer:
             self.writer.stop()
-        self.follower = self.writer = None
+        if self.commands:
+            self.commands.stop()
+        self.follower = self.writer = self.commands = self.discovery = None
 
     # ---- wake-ups -------------------------------------------------------------------------
 
@@ -237,6 +295,10 @@ class Daemon:
         self.notifier.stopping()
         if self.follower:
             self.follower.stop()
+        if self.commands:
+            self.commands.stop()
+        if self.discovery:
+            self.discovery.stop()
         self.supervisor.stop_all("the daemon is stopping")
 
     def handle_hup(self) -> None:
@@ -273,9 +335,18 @@ class Daemon:
                 code_changed |= docs != self.docs
                 self.docs = docs
                 self._pending_seq = event.seq
+                self._offer_commands(event.docs)
+                if self.commands:
+                    self.commands.retry_unreported()
             elif isinstance(event, Changed):
                 code_changed |= self._apply_change(event.change)
                 self._pending_seq = event.change.seq
+                if event.change.doc:
+                    self._offer_commands([event.change.doc])
+            elif isinstance(event, Provisioned):
+                if not self.stopping:
+                    self._provisioned(event.url)
+                return                              # a new connection: its own events follow
             elif isinstance(event, FeedState):
                 if (event.connected, event.error) != (self.feed_connected, self.feed_error):
                     self.feed_connected, self.feed_error = event.connected, event.error
@@ -289,6 +360,12 @@ class Daemon:
             # Only after the code it covers is applied and cached: a replay is harmless, a gap is not.
             self.state.save_seq(self._pending_seq)
             self._pending_seq = None
+
+    def _offer_commands(self, docs: list[dict]) -> None:
+        if self.commands and not self.stopping:
+            for doc in docs:
+                if documents.is_command_doc(doc, self.macid) and "ret" not in doc:
+                    self.commands.offer(doc)
 
     def _apply_change(self, change) -> bool:
         doc = change.doc

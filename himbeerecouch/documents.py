@@ -20,21 +20,32 @@ def code_types(macid: int) -> list:
     return [macid, str(macid)]
 
 
+def command_type(macid: int) -> str:
+    return f"{macid}_cmd"
+
+
 def is_code_doc(doc: dict, macid: int) -> bool:
     return doc.get("type") in code_types(macid) and not doc.get("_deleted")
 
 
+def is_command_doc(doc: dict, macid: int) -> bool:
+    return doc.get("type") == command_type(macid) and not doc.get("_deleted")
+
+
 def feed_selector(macid: int, known_ids: list[str]) -> dict:
-    """What the changes feed must deliver: this Pi's documents, and every change (a deletion,
-    a move to another Pi) of a document this Pi runs, which no longer carries our `type`."""
-    mine = {"type": {"$in": code_types(macid)}}
+    """What the changes feed must deliver: this Pi's code and command documents, and every
+    change (a deletion, a move to another Pi) of a document this Pi runs, which no longer
+    carries our `type`."""
+    mine = {"type": {"$in": code_types(macid) + [command_type(macid)]}}
     if not known_ids:
         return mine
     return {"$or": [mine, {"_id": {"$in": sorted(known_ids)}}]}
 
 
 def find_selector(macid: int) -> dict:
-    return {"type": {"$in": code_types(macid)}}
+    """This Pi's code documents and its commands that have no result yet."""
+    return {"$or": [{"type": {"$in": code_types(macid)}},
+                    {"type": command_type(macid), "ret": {"$exists": False}}]}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from . import documents
 from .backoff import Backoff
-from .couch import CONNECTION_ERRORS, Change, Database, NotFound, redact
+from .couch import CONNECTION_ERRORS, Change, Database, NotFound, describe_error, redact
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Follower(threading.Thread):
             try:
                 self._follow()
             except (FeedEnded, *CONNECTION_ERRORS) as error:
-                message = str(error) or type(error).__name__
+                message = describe_error(error)
             except Exception as error:                 # never let the follower die
                 log.exception("changes follower failed")
                 message = f"{type(error).__name__}: {error}"

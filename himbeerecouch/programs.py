@@ -49,8 +49,13 @@ class State(str, enum.Enum):
 ALIVE = (State.STARTING, State.RUNNING, State.STOPPING)
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+def child_environment() -> dict[str, str]:
+    """The daemon's environment without what belongs to systemd's dealings with the daemon."""
+    return {key: value for key, value in os.environ.items() if key not in CHILD_ENV_DROP}
+
+
+def now_iso(timespec: str = "seconds") -> str:
+    return datetime.now(timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def describe_exit(returncode: int) -> str:
@@ -184,18 +189,14 @@ class Supervisor:
 
     # ---- processes ------------------------------------------------------------------------
 
-    def _child_env(self) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if key not in CHILD_ENV_DROP}
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
     def _start(self, program: Program) -> None:
         spec = program.spec
         payload = {"doc_id": spec.doc_id, "name": spec.name, "code": spec.code,
                    "modules": spec.modules, "global_modules": spec.global_modules,
                    "database": self.database_settings}
         report_read, report_write = os.pipe()
-        env = self._child_env()
+        env = child_environment()
+        env["PYTHONUNBUFFERED"] = "1"
         env[child.REPORT_FD_ENV] = str(report_write)
         try:
             process = subprocess.Popen(

@@ -1,7 +1,8 @@
 """What the daemon keeps on the Pi's disk between runs (the state dir, /var/rspby).
 
 - code.json: the last-known code documents, so programs start while the server is away;
-- checkpoint.json: the last processed seq of the changes feed, to resume where it stopped.
+- checkpoint.json: the last processed seq of the changes feed, to resume where it stopped;
+- commands.json: the ledger of claimed commands (see commands.py).
 Both belong to one (server, database, MacID): after a change of any of them, or on a card
 cloned into another Pi, they are ignored rather than applied to the wrong device.
 Every write is atomic (temp file, fsync, rename), so a power cut leaves the old or the new file.
@@ -45,6 +46,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 class StateDir:
     CODE = "code.json"
     CHECKPOINT = "checkpoint.json"
+    LEDGER = "commands.json"
 
     def __init__(self, path: Path, owner: dict[str, Any]) -> None:
         # `owner` names whose state this is: server (without password), database, macid.
@@ -92,3 +94,11 @@ class StateDir:
 
     def save_seq(self, seq: Any) -> bool:
         return self._write(self.CHECKPOINT, {"seq": seq})
+
+    def load_ledger(self) -> dict[str, dict]:
+        content = self._read(self.LEDGER)
+        entries = content.get("commands") if content else None
+        return entries if isinstance(entries, dict) else {}
+
+    def save_ledger(self, entries: dict[str, dict]) -> bool:
+        return self._write(self.LEDGER, {"commands": entries})

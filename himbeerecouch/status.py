@@ -13,7 +13,7 @@ import threading
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from .couch import CONNECTION_ERRORS, Conflict, Database
+from .couch import CONNECTION_ERRORS, Conflict, Database, describe_error
 from .programs import now_iso
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class StatusWriter(threading.Thread):
                 raise Conflict("status document keeps changing under us")
         except (*CONNECTION_ERRORS, OSError) as error:
             if not self._failing:
-                log.warning("cannot write the status document: %s", error)
+                log.warning("cannot write the status document: %s", describe_error(error))
             self._failing = True
             self._db = None
             return False

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from himbeerecouch import credentials
+from himbeerecouch.config import Config
 from support import AdminClient, CouchServer, DaemonProcess, free_port
 
 
@@ -41,6 +43,9 @@ def make_daemon(tmp_path, couch, admin):
         daemon.stop()
 
 
+DEVICE_MACID = 202481596538417
+
+
 def marker_program(marker_dir: Path, label: str, body: str = "") -> str:
     """Code for a program that records each start (label, pid) as a file and runs until asked to quit."""
     return f'''
@@ -60,3 +65,24 @@ def main():
 
 def starts(marker_dir: Path, label: str) -> list[str]:
     return sorted(p.name for p in marker_dir.glob(f"{label}-*"))
+
+
+@pytest.fixture
+def device(couch, admin, make_daemon):
+    """A daemon that knows the server by URL only: it logs in as its CouchDB user (MacID)."""
+    def factory(**settings):
+        daemon = make_daemon(server=couch.url, **settings)
+        creds, _ = credentials.load_or_create(Config(state_dir=daemon.state_dir), create=True, macid=DEVICE_MACID)
+        user_url = f"{couch.url}/_users/org.couchdb.user:{creds.user}"
+        user = {"name": creds.user, "password": creds.password, "roles": [], "type": "user"}
+        existing = admin.http.get(user_url, timeout=10)
+        if existing.status_code == 200:
+            user["_rev"] = existing.json()["_rev"]
+        response = admin.http.put(user_url, json=user, timeout=10)
+        assert response.status_code in (201, 202), response.text
+        security = admin.http.put(admin.url("_security"), timeout=10,
+                                  json={"admins": {"names": [], "roles": []},
+                                        "members": {"names": [creds.user], "roles": []}})
+        assert security.status_code == 200, security.text
+        return daemon
+    return factory

@@ -72,6 +72,6 @@ def test_global_modules_of_all_documents_are_merged():
 
 
 def test_the_feed_selector_also_follows_known_documents():
-    assert documents.feed_selector(MACID, []) == {"type": {"$in": [MACID, str(MACID)]}}
+    assert documents.feed_selector(MACID, []) == {"type": {"$in": [MACID, str(MACID), f"{MACID}_cmd"]}}
     selector = documents.feed_selector(MACID, ["b", "a"])
     assert selector["$or"][1] == {"_id": {"$in": ["a", "b"]}}
