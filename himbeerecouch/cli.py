@@ -8,7 +8,7 @@ import sys
 
 from pathlib import Path
 
-from . import __version__, credentials
+from . import __version__, admin, credentials
 from .config import ConfigError, load
 from .identity import IdentityError
 
@@ -73,11 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     broadcast.add_argument("--port", type=int, default=53000, help="UDP port (53000)")
     broadcast.add_argument("--json", action="store_true", help="one JSON object per answer")
     broadcast.set_defaults(func=cmd_broadcast)
+    admin.add_subcommands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Everything after `--` is a command line for a device (himbeerecouch cmd MACID -- ARGV...).
+    remote = None
+    if "--" in argv:
+        split = argv.index("--")
+        argv, remote = argv[:split], argv[split + 1:]
     args = build_parser().parse_args(argv)
+    args.argv = remote
+    if getattr(args, "operator", False):
+        return admin.run_operator_command(args)
     try:
         return args.func(args)
     except (ConfigError, IdentityError) as error:

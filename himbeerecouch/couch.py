@@ -25,7 +25,7 @@ CONNECTION_ERRORS = (requests.RequestException, couch_errors.Error, ValueError)
 
 
 class _Resource(Resource):
-    """A pycouchdb Resource whose sub-resources keep the TLS setting of their parent."""
+    """A pycouchdb Resource that always verifies TLS as configured (system CAs or ca_file)."""
 
     def __init__(self, base_url: str, *, verify: bool | str, **kwargs: Any) -> None:
         super().__init__(base_url, verify=verify, **kwargs)
@@ -34,6 +34,12 @@ class _Resource(Resource):
     def __call__(self, *path: str) -> "_Resource":
         return type(self)(couch_utils.urljoin(self.base_url, *path), session=self.session,
                           timeout=self.timeout, verify=self.verify)
+
+    def request(self, method: str, path: Any = None, **kwargs: Any):
+        # Per request: requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's
+        # own CA file, and pycouchdb may reset the session's setting.
+        kwargs.setdefault("verify", self.verify)
+        return super().request(method, path, **kwargs)
 
 
 def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
@@ -57,7 +63,17 @@ def doc_path(doc_id: str) -> str:
 
 def describe_error(error: BaseException) -> str:
     """A server's refusal or a network failure, in one readable line."""
+    if isinstance(error, requests.exceptions.SSLError):
+        reason = str(error)
+        if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate verify failed" in reason:
+            hint = reason.split("certificate verify failed:", 1)[-1].split("'")[0].strip(" ()")
+            return (f"TLS certificate verification failed ({hint}): the server's certificate is not "
+                    "signed by a trusted CA or is made for another host name; give the CA that signed "
+                    "it with ca_file (--ca-file)")
+        return f"TLS error: {reason}"
     detail = error.args[0] if error.args else None
+    if isinstance(error, NotFound):
+        return f"not found ({detail or 'no such document or database'})"
     if isinstance(detail, dict):
         if detail.get("error") == "unauthorized":
             return f"the server refused our credentials: {detail.get('reason', '')}".rstrip(": ")
@@ -80,14 +96,15 @@ class Database:
 
     def __init__(self, url: str, name: str, *, credentials: tuple[str, str] | None = None,
                  ca_file: str = "", timeout: float = 30.0) -> None:
+        self._url, self._credentials, self._ca_file = url, credentials, ca_file
         base, url_credentials = split_credentials(url)
         self.server_url = base.rstrip("/")
         self.name = name
         self.timeout = timeout
-        verify: bool | str = ca_file or True
-        server = _Resource(self.server_url, credentials=url_credentials or credentials,
-                           authmethod="basic", verify=verify, timeout=timeout)
-        self.resource = server(quote(name, safe=""))
+        verify: bool | str = ca_file or True          # certificates are always checked
+        self.server = _Resource(self.server_url, credentials=url_credentials or credentials,
+                                authmethod="basic", verify=verify, timeout=timeout)
+        self.resource = self.server(quote(name, safe=""))
 
     def __repr__(self) -> str:
         return f"<Database {self.name} on {redact(self.server_url)}>"
@@ -95,6 +112,34 @@ class Database:
     def info(self) -> dict:
         _, result = self.resource.get()
         return result
+
+    def exists(self) -> bool:
+        try:
+            self.info()
+        except NotFound:
+            return False
+        return True
+
+    def create(self) -> None:
+        self.resource.put()
+
+    def security(self) -> dict:
+        _, result = self.resource.get("_security")
+        return result or {}
+
+    def set_security(self, security: dict) -> None:
+        self.resource.put("_security", data=json.dumps(security).encode())
+
+    def ensure_index(self, fields: list[str], name: str, ddoc: str) -> bool:
+        """Create a Mango index; False when it existed already."""
+        body = {"index": {"fields": fields}, "name": name, "ddoc": ddoc, "type": "json"}
+        _, result = self.resource.post("_index", data=json.dumps(body).encode())
+        return result.get("result") != "exists"
+
+    def sibling(self, name: str) -> "Database":
+        """Another database of the same server, with the same credentials and TLS settings."""
+        return Database(self._url, name, credentials=self._credentials, ca_file=self._ca_file,
+                        timeout=self.timeout)
 
     def update_seq(self) -> Any:
         return self.info()["update_seq"]

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import pytest
 
 from himbeerecouch import credentials
 from himbeerecouch.config import Config
-from support import AdminClient, CouchServer, DaemonProcess, free_port
+from support import DEVICE_MACID, AdminClient, CouchServer, DaemonProcess, free_port
 
 
 @pytest.fixture(scope="session")
@@ -41,30 +40,6 @@ def make_daemon(tmp_path, couch, admin):
     yield factory
     for daemon in daemons:
         daemon.stop()
-
-
-DEVICE_MACID = 202481596538417
-
-
-def marker_program(marker_dir: Path, label: str, body: str = "") -> str:
-    """Code for a program that records each start (label, pid) as a file and runs until asked to quit."""
-    return f'''
-import os, threading, time
-def main():
-    path = os.path.join({str(marker_dir)!r}, "{label}-" + str(os.getpid()))
-    with open(path, "w") as f:
-        f.write(str(time.time()))
-    log("started {label}")
-{body}
-    done = threading.Event()
-    register_quit_notification(done.set)
-    done.wait()
-    log("quitting {label}")
-'''
-
-
-def starts(marker_dir: Path, label: str) -> list[str]:
-    return sorted(p.name for p in marker_dir.glob(f"{label}-*"))
 
 
 @pytest.fixture

@@ -162,3 +162,27 @@ class DaemonProcess:
                 self.process.kill()
         self.process = None
         return code
+
+
+DEVICE_MACID = 202481596538417
+
+
+def marker_program(marker_dir: Path, label: str, body: str = "") -> str:
+    """Code for a program that records each start (label, pid) as a file and runs until asked to quit."""
+    return f'''
+import os, threading, time
+def main():
+    path = os.path.join({str(marker_dir)!r}, "{label}-" + str(os.getpid()))
+    with open(path, "w") as f:
+        f.write(str(time.time()))
+    log("started {label}")
+{body}
+    done = threading.Event()
+    register_quit_notification(done.set)
+    done.wait()
+    log("quitting {label}")
+'''
+
+
+def starts(marker_dir: Path, label: str) -> list[str]:
+    return sorted(p.name for p in marker_dir.glob(f"{label}-*"))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import marker_program, starts
+from support import marker_program, starts
 from support import wait_for
 
 pytestmark = pytest.mark.integration

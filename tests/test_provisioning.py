@@ -1,7 +1,7 @@
 """LAN provisioning inside the daemon: an unprovisioned Pi takes its server from a broadcast."""
 import pytest
 
-from conftest import DEVICE_MACID as MACID, marker_program, starts
+from support import DEVICE_MACID as MACID, marker_program, starts
 from support import free_port, wait_for
 from himbeerecouch import broadcast_message
 

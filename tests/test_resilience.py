@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from conftest import marker_program, starts
+from support import marker_program, starts
 from support import ADMIN, AdminClient, CouchServer, DaemonProcess, free_port, wait_for
 from himbeerecouch.couch import Database
 from himbeerecouch.feed import Changed, Follower, Snapshot

@@ -1,0 +1,449 @@
+"""Operator commands: setup-db, add-device, push, cmd, status (subcommands of `himbeerecouch`).
+
+Where the server and the operator's credentials come from, first found wins:
+  options (--server, --database, --user, --ca-file, --password-file),
+  environment (COUCHDB_URL, COUCHDB_DATABASE, COUCHDB_USER, COUCHDB_PASSWORD, COUCHDB_CA_FILE),
+  the operator's config file (--admin-config, HIMBEERECOUCH_ADMIN_CONFIG, or
+  ~/.config/himbeerecouch/admin.conf; INI section [himbeerecouch-admin] with keys server,
+  database, user, password, ca_file), and the URL's own user:password.
+A password is never taken from an option (it would show in process listings); without one, an
+interactive terminal is asked for it.
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import getpass
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from . import security
+
+if TYPE_CHECKING:
+    from .couch import Database
+# The CouchDB client is imported when a command runs, so that `himbeerecouch-creds` and the
+# daemon's argument parsing do not load it.
+
+DEFAULT_ADMIN_CONFIG = Path("~/.config/himbeerecouch/admin.conf")
+ADMIN_SECTION = "himbeerecouch-admin"
+DEFAULT_DATABASE = "nedm/raspberries"
+
+
+class OperatorError(Exception):
+    """Something the operator must fix; the message says what."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    server: str
+    database: str
+    user: str | None
+    password: str | None
+    ca_file: str
+
+    def open(self, name: str | None = None) -> Database:
+        from .couch import Database
+        credentials = (self.user, self.password) if self.user and self.password is not None else None
+        return Database(self.server, name or self.database, credentials=credentials, ca_file=self.ca_file)
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server (see also COUCHDB_URL, COUCHDB_USER, COUCHDB_PASSWORD)")
+    group.add_argument("--server", metavar="URL", help="CouchDB server URL (COUCHDB_URL)")
+    group.add_argument("--database", metavar="NAME", help=f"database (COUCHDB_DATABASE; default {DEFAULT_DATABASE})")
+    group.add_argument("--user", metavar="NAME", help="operator's CouchDB user (COUCHDB_USER)")
+    group.add_argument("--password-file", metavar="FILE", help="read the operator's password from FILE")
+    group.add_argument("--ca-file", metavar="FILE", help="CA bundle for the server's TLS certificate (COUCHDB_CA_FILE)")
+    group.add_argument("--admin-config", metavar="FILE",
+                       help=f"operator config file (HIMBEERECOUCH_ADMIN_CONFIG; default {DEFAULT_ADMIN_CONFIG})")
+
+
+def _admin_config(args: argparse.Namespace, environ) -> dict[str, str]:
+    explicit = args.admin_config or environ.get("HIMBEERECOUCH_ADMIN_CONFIG")
+    path = Path(explicit) if explicit else DEFAULT_ADMIN_CONFIG.expanduser()
+    if not path.exists():
+        if explicit:
+            raise OperatorError(f"operator config file {path} does not exist")
+        return {}
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as error:
+        raise OperatorError(f"operator config file {path} is not valid INI: {error}") from None
+    return dict(parser.items(ADMIN_SECTION)) if parser.has_section(ADMIN_SECTION) else {}
+
+
+def resolve_connection(args: argparse.Namespace, environ=os.environ, stdin: TextIO = sys.stdin) -> Connection:
+    stored = _admin_config(args, environ)
+    url = args.server or environ.get("COUCHDB_URL") or stored.get("server")
+    if not url:
+        raise OperatorError("no server: give --server URL, set COUCHDB_URL, or write server = URL in "
+                            f"[{ADMIN_SECTION}] of {DEFAULT_ADMIN_CONFIG}")
+    server, url_credentials = _split_credentials(url)
+    user = args.user or environ.get("COUCHDB_USER") or stored.get("user") or \
+        (url_credentials[0] if url_credentials else None)
+    password = None
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").rstrip("\n")
+        except OSError as error:
+            raise OperatorError(f"cannot read the password file: {error}") from None
+    password = password or environ.get("COUCHDB_PASSWORD") or stored.get("password") or \
+        (url_credentials[1] if url_credentials else None)
+    if user and password is None:
+        if not stdin.isatty():
+            raise OperatorError(f"no password for user {user}: set COUCHDB_PASSWORD or use --password-file")
+        password = getpass.getpass(f"CouchDB password for {user}: ")
+    return Connection(server=server, database=args.database or environ.get("COUCHDB_DATABASE")
+                      or stored.get("database") or DEFAULT_DATABASE,
+                      user=user, password=password,
+                      ca_file=args.ca_file or environ.get("COUCHDB_CA_FILE") or stored.get("ca_file", ""))
+
+
+def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return (urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)),
+            (unquote(parts.username), unquote(parts.password or "")))
+
+
+# ---- setup-db -------------------------------------------------------------------------------
+
+def setup_db(db: Database) -> list[str]:
+    """Bring the database to what the daemon and the rights model need; lists what changed."""
+    changes = []
+    if not db.exists():
+        db.create()
+        changes.append(f"created database {db.name}")
+    if db.ensure_index(["type"], security.INDEX_NAME, security.INDEX_DDOC):
+        changes.append("created the index on 'type'")
+    current = db.security()
+    wanted = _merged_security(current)
+    if current != wanted:
+        db.set_security(wanted)
+        changes.append("set the security object (members: roles raspberry, deployer)")
+    design = db.get(security.DESIGN_DOC_ID)
+    if design is None or design.get("validate_doc_update") != security.VALIDATE_DOC_UPDATE:
+        doc = {**(design or {}), **security.DESIGN_DOC}
+        db.put(doc)
+        changes.append("installed the validation function (_design/himbeerecouch)")
+    return changes
+
+
+def _merged_security(current: dict) -> dict:
+    """Our roles added to whatever the site has already; nothing of theirs is removed."""
+    merged = json.loads(json.dumps(current or {}))
+    for section, rules in security.SECURITY.items():
+        target = merged.setdefault(section, {})
+        for kind, values in rules.items():
+            existing = target.setdefault(kind, [])
+            existing.extend(value for value in values if value not in existing)
+    return merged
+
+
+# ---- add-device -----------------------------------------------------------------------------
+
+def read_device_credentials(args: argparse.Namespace, stdin: TextIO) -> tuple[int, str]:
+    if args.macid is not None and args.password is not None:
+        return args.macid, args.password
+    source = args.from_file
+    if source is None and args.macid is not None:
+        if stdin.isatty():
+            return args.macid, getpass.getpass(f"password of device {args.macid}: ")
+        source = "-"
+    if source is None:
+        raise OperatorError("give MACID PASSWORD, or --from FILE (- for stdin) with the output of "
+                            "himbeerecouch-creds --json")
+    text = stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+        macid, password = int(data["MacID"]), data["password"]
+    except (ValueError, KeyError, TypeError):
+        if args.macid is not None and text.strip() and "\n" not in text.strip():
+            return args.macid, text.strip()          # a bare password on stdin
+        raise OperatorError('expected {"MacID": ..., "password": ...} as himbeerecouch-creds --json prints') from None
+    if args.macid is not None and args.macid != macid:
+        raise OperatorError(f"the credentials are for MacID {macid}, not {args.macid}")
+    if not isinstance(password, str) or not password:
+        raise OperatorError("the password is empty")
+    return macid, password
+
+
+def add_device(users: Database, macid: int, password: str) -> str:
+    from .couch import Conflict
+    doc_id = f"org.couchdb.user:{macid}"
+    for _ in range(3):
+        current = users.get(doc_id)
+        doc = {**(current or {}), "_id": doc_id, "name": str(macid), "type": "user", "password": password}
+        roles = list(doc.get("roles", []))
+        if security.DEVICE_ROLE not in roles:
+            roles.append(security.DEVICE_ROLE)
+        doc["roles"] = roles
+        try:
+            users.put(doc)
+        except Conflict:
+            continue
+        return "updated" if current else "created"
+    raise OperatorError(f"the user {macid} keeps changing on the server; try again")
+
+
+# ---- push -----------------------------------------------------------------------------------
+
+def _modules(pairs: list[str], option: str) -> dict[str, str]:
+    modules = {}
+    for pair in pairs or []:
+        name, sep, file = pair.partition("=")
+        if not sep or not name.isidentifier():
+            raise OperatorError(f"{option} wants NAME=FILE with NAME a Python module name, not {pair!r}")
+        modules[name] = _read_source(file)
+    return modules
+
+
+def _read_source(file: str) -> str:
+    try:
+        source = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise OperatorError(f"cannot read {file}: {error}") from None
+    try:
+        compile(source, file, "exec")
+    except SyntaxError as error:
+        raise OperatorError(f"{file} line {error.lineno}: {error.msg}") from None
+    return source
+
+
+def push(db: Database, macid: int, file: str, name: str | None, doc_id: str | None,
+         modules: list[str], global_modules: list[str]) -> tuple[str, dict]:
+    from .couch import Conflict
+    code = _read_source(file)
+    name = name or Path(file).stem
+    doc_id = doc_id or f"code:{macid}:{name}"
+    managed = {"type": macid, "name": name, "code": code}
+    if modules:
+        managed["modules"] = _modules(modules, "--module")
+    if global_modules:
+        managed["global_modules"] = _modules(global_modules, "--global-module")
+    for _ in range(3):
+        current = db.get(doc_id)
+        try:
+            stored = db.put({**(current or {}), "_id": doc_id, **managed})
+        except Conflict:
+            continue
+        return ("updated" if current else "created"), stored
+    raise OperatorError(f"{doc_id} keeps changing on the server; try again")
+
+
+# ---- cmd ------------------------------------------------------------------------------------
+
+def run_remote(db: Database, macid: int, argv: list[str], timeout: float | None, wait: float,
+               progress: TextIO, out: TextIO, err: TextIO) -> int:
+    doc = {"_id": f"cmd:{macid}:{uuid.uuid4().hex[:12]}", "type": f"{macid}_cmd", "cmd": argv}
+    if timeout is not None:
+        doc["timeout"] = timeout
+    db.put(doc)
+    interactive = progress.isatty()
+    started = time.monotonic()
+    shown = 0
+    while True:
+        current = db.get(doc["_id"]) or {}
+        if current.get("ret") is not None:
+            break
+        elapsed = time.monotonic() - started
+        if elapsed > wait:
+            if interactive:
+                progress.write("\n")
+            err.write(f"himbeerecouch cmd: no result from {macid} within {wait:g} s (document {doc['_id']}); "
+                      "is the Pi online? (himbeerecouch status)\n")
+            return 124
+        if interactive:
+            progress.write(f"\rwaiting for {macid}: {elapsed:4.0f} s")
+            progress.flush()
+        elif int(elapsed / 5) > shown:          # a line every 5 s when not on a terminal
+            shown = int(elapsed / 5)
+            progress.write(f"waiting for {macid}: {elapsed:.0f} s\n")
+            progress.flush()
+        time.sleep(0.2 if elapsed < 2 else 0.5)
+    if interactive:
+        progress.write("\r" + " " * 40 + "\r")
+    stdout, stderr = (current["ret"] + [None, None])[:2]
+    if stdout:
+        out.write(stdout)
+    if stderr:
+        err.write(stderr if stderr.endswith("\n") else stderr + "\n")
+    if current.get("error") and current.get("error") != "invalid":
+        err.write(f"himbeerecouch cmd: {current['error']}\n")
+    returncode = current.get("returncode")
+    if returncode is None:
+        return 127
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+# ---- status ---------------------------------------------------------------------------------
+
+def _age(timestamp: str | None, now: datetime) -> float | None:
+    if not timestamp:
+        return None
+    try:
+        seen = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (now - seen).total_seconds()
+
+
+def _human(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{max(0, seconds):.0f}s ago"
+
+
+def status_table(heartbeats: list[dict], stale_after: float, now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    rows = [("MACID", "LAST SEEN", "IP", "VERSION", "PROGRAMS", "LAST ERROR")]
+    for doc in sorted(heartbeats, key=lambda d: str(d.get("macid") or d.get("_id"))):
+        age = _age(doc.get("timestamp"), now)
+        seen = _human(age)
+        if age is None or age > stale_after:
+            seen += " STALE"
+        elif doc.get("daemon") == "stopped":
+            seen += " (stopped)"
+        programs, errors = [], []
+        for doc_id, program in sorted((doc.get("programs") or {}).items()):
+            restarts = program.get("restarts") or 0
+            programs.append(f"{program.get('name', doc_id)}:{program.get('state', '?')}"
+                            + (f"({restarts} restarts)" if restarts else ""))
+            if program.get("last_error"):
+                errors.append(f"{program.get('name', doc_id)}: {program['last_error']}")
+        macid = doc.get("macid") or str(doc.get("_id", "")).removesuffix("_heartbeat")
+        rows.append((str(macid), seen, str(doc.get("ip") or "-"), str(doc.get("version") or "-"),
+                     " ".join(programs) or "-", "; ".join(errors) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                     for row in rows).rstrip() + "\n"
+
+
+def heartbeats(db: Database, macid: int | None) -> list[dict]:
+    if macid is not None:
+        doc = db.get(f"{macid}_heartbeat")
+        return [doc] if doc else []
+    return db.find({"type": "heartbeat"})
+
+
+# ---- the subcommands ------------------------------------------------------------------------
+
+def cmd_setup_db(args: argparse.Namespace, connection: Connection) -> int:
+    changes = setup_db(connection.open())
+    if changes:
+        for change in changes:
+            print(change)
+    else:
+        print(f"database {connection.database} is set up already: nothing changed")
+    return 0
+
+
+def cmd_add_device(args: argparse.Namespace, connection: Connection) -> int:
+    macid, password = read_device_credentials(args, sys.stdin)
+    outcome = add_device(connection.open("_users"), macid, password)
+    print(f"{outcome} CouchDB user {macid} with role {security.DEVICE_ROLE}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, connection: Connection) -> int:
+    outcome, stored = push(connection.open(), args.macid, args.file, args.name, args.id,
+                           args.module, args.global_module)
+    print(f"{outcome} {stored['_id']} (rev {stored['_rev']}) for {args.macid}")
+    return 0
+
+
+def cmd_cmd(args: argparse.Namespace, connection: Connection) -> int:
+    if not args.argv:
+        raise OperatorError("give the command after --, e.g. himbeerecouch cmd 123 -- uname -a")
+    return run_remote(connection.open(), args.macid, args.argv, args.timeout, args.wait,
+                      sys.stderr, sys.stdout, sys.stderr)
+
+
+def cmd_status(args: argparse.Namespace, connection: Connection) -> int:
+    docs = heartbeats(connection.open(), args.macid)
+    if args.json:
+        print(json.dumps(docs, indent=1))
+    elif not docs:
+        print("no device has written a status yet" if args.macid is None
+              else f"no status from {args.macid}", file=sys.stderr)
+        return 1
+    else:
+        sys.stdout.write(status_table(docs, args.stale_after))
+    return 0
+
+
+def add_subcommands(commands) -> None:
+    def command(name: str, func, help_text: str, description: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help_text, description=description)
+        add_connection_options(parser)
+        parser.set_defaults(func=func, operator=True)
+        return parser
+
+    command("setup-db", cmd_setup_db, "create and secure the database (idempotent)",
+            "Create the database if missing, the index the daemon's first read uses, the security "
+            "object (devices are members through the role raspberry, deployers through deployer) "
+            "and the validation function that limits what a device may write. Needs a server "
+            "admin. Running it again changes nothing and says so.")
+    device = command("add-device", cmd_add_device, "create or update a device's CouchDB user",
+                     "Create or update the CouchDB user of a device (user name: its MacID) with the "
+                     "role raspberry. Give MACID PASSWORD, or pipe the output of "
+                     "`himbeerecouch-creds --json` (--from -), which keeps the password out of "
+                     "process listings.")
+    device.add_argument("macid", type=int, nargs="?", help="the device's MacID")
+    device.add_argument("password", nargs="?", help="the device's password (visible in process listings)")
+    device.add_argument("--from", dest="from_file", metavar="FILE",
+                        help="read himbeerecouch-creds --json output from FILE (- for stdin)")
+    push_parser = command("push", cmd_push, "store a program for a device",
+                          "Create or update the code document of a program for a device. The "
+                          "document keeps its _rev and every field this command does not manage.")
+    push_parser.add_argument("macid", type=int)
+    push_parser.add_argument("file", help="the program: a Python file defining main()")
+    push_parser.add_argument("--name", help="program name (default: the file name without .py)")
+    push_parser.add_argument("--id", help="document id (default code:MACID:NAME)")
+    push_parser.add_argument("--module", action="append", metavar="NAME=FILE", help="a module of this program")
+    push_parser.add_argument("--global-module", action="append", metavar="NAME=FILE",
+                             help="a module every program of this device can import")
+    cmd_parser = command("cmd", cmd_cmd, "run a command on a device (after --) and print its output",
+                         "Write a command document, wait for the device's result, print its stdout "
+                         "and stderr to the same streams and exit with its return code (124: no "
+                         "result in time; 127: it could not run; 128+N: killed by signal N).")
+    cmd_parser.add_argument("macid", type=int)
+    cmd_parser.add_argument("--timeout", type=float, help="seconds the command may run on the device")
+    cmd_parser.add_argument("--wait", type=float, default=60, help="seconds to wait for the result (60)")
+    cmd_parser.epilog = "The command follows `--`: himbeerecouch cmd 202481596538417 -- uname -a"
+    status = command("status", cmd_status, "show the fleet's status",
+                     "A table of the devices' status documents: last seen (STALE when older than "
+                     "--stale-after), IP, version, programs with state and restarts, last errors.")
+    status.add_argument("macid", type=int, nargs="?")
+    status.add_argument("--stale-after", type=float, default=120, help="seconds (120)")
+    status.add_argument("--json", action="store_true", help="the status documents as JSON")
+
+
+def run_operator_command(args: argparse.Namespace) -> int:
+    from .couch import CONNECTION_ERRORS, describe_error, redact
+    try:
+        connection = resolve_connection(args)
+        return args.func(args, connection)
+    except OperatorError as error:
+        print(f"himbeerecouch {args.command}: {error}", file=sys.stderr)
+        return 2
+    except CONNECTION_ERRORS as error:
+        where = redact(args.server or os.environ.get("COUCHDB_URL") or "the server")
+        print(f"himbeerecouch {args.command}: {where}: {describe_error(error)}", file=sys.stderr)
+        return 1

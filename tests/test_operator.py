@@ -1,0 +1,181 @@
+"""Operator commands and the rights model, against the real test server with a small fleet."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import requests
+
+from support import marker_program, starts
+from himbeerecouch import credentials
+from himbeerecouch.config import Config
+from support import ADMIN, AdminClient, wait_for
+
+pytestmark = pytest.mark.integration
+PI = 202481596538417
+OTHER = 202481596538418
+
+
+def hc(*args, user=ADMIN, input=None, server=None, timeout=60, couch=None):
+    env = {**os.environ, "COUCHDB_URL": server or couch.url}
+    env.pop("HIMBEERECOUCH_ADMIN_CONFIG", None)
+    if user:
+        env["COUCHDB_USER"], env["COUCHDB_PASSWORD"] = user
+    else:
+        env.pop("COUCHDB_USER", None)
+        env.pop("COUCHDB_PASSWORD", None)
+    return subprocess.run([sys.executable, "-m", "himbeerecouch", *args], capture_output=True, text=True,
+                          input=input, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def fleet_db(couch):
+    """A database set up by setup-db, with a deployer user."""
+    name = f"fleet_{uuid.uuid4().hex[:10]}"
+    result = hc("setup-db", "--database", name, couch=couch)
+    assert result.returncode == 0, result.stderr
+    admin = AdminClient(couch.url, name)
+    deployer = ("deployer-" + name, "deploy-secret")
+    url = f"{couch.url}/_users/org.couchdb.user:{deployer[0]}"
+    response = admin.http.put(url, json={"name": deployer[0], "password": deployer[1], "type": "user",
+                                         "roles": ["deployer"]}, timeout=10)
+    assert response.status_code in (201, 202), response.text
+    return admin, deployer
+
+
+def device_session(couch, admin, state_dir, macid) -> tuple[requests.Session, str]:
+    creds, _ = credentials.load_or_create(Config(state_dir=state_dir), create=True, macid=macid)
+    result = hc("add-device", "--database", admin.db, "--from", "-",
+                input=json.dumps({"MacID": creds.macid, "password": creds.password}), couch=couch)
+    assert result.returncode == 0, result.stderr
+    session = requests.Session()
+    session.auth = (creds.user, creds.password)
+    return session, creds.password
+
+
+def test_setup_db_is_idempotent(couch):
+    name = f"setup_{uuid.uuid4().hex[:10]}"
+    first = hc("setup-db", "--database", name, couch=couch)
+    assert first.returncode == 0, first.stderr
+    assert "created database" in first.stdout and "validation function" in first.stdout
+    second = hc("setup-db", "--database", name, couch=couch)
+    assert second.returncode == 0 and "nothing changed" in second.stdout
+
+
+def test_setup_db_needs_credentials_and_says_so(couch):
+    result = hc("setup-db", "--database", "whatever", user=None, couch=couch)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "himbeerecouch setup-db:" in result.stderr
+
+
+def test_what_a_device_may_and_may_not_write(couch, fleet_db, tmp_path):
+    admin, deployer = fleet_db
+    admin.put({"_id": "code", "type": PI, "code": "def main(): pass"})
+    admin.put({"_id": "mine", "type": f"{PI}_cmd", "cmd": ["true"]})
+    admin.put({"_id": "theirs", "type": f"{OTHER}_cmd", "cmd": ["true"]})
+    device, _ = device_session(couch, admin, tmp_path / "pi", PI)
+
+    def write(doc):
+        return device.put(admin.url(doc["_id"]), json=doc, timeout=10).status_code
+
+    assert device.get(admin.url("code"), timeout=10).status_code == 200
+    assert write({"_id": f"{PI}_heartbeat", "type": "heartbeat", "ip": "x"}) == 201
+    assert write({"_id": f"{PI}_data_1", "type": "measurement", "t": 21.5}) == 201
+    mine = admin.get("mine")
+    assert write({**mine, "claimed": "now"}) == 201
+    mine = admin.get("mine")
+    assert write({**mine, "ret": ["", ""], "returncode": 0}) == 201
+    # Refused: code, new commands, changing a command, another device's documents, design documents.
+    assert write({"_id": f"{PI}_sneaky", "type": PI, "code": "def main(): pass"}) == 403
+    assert write({**admin.get("code"), "code": "def main(): print('owned')"}) == 403
+    assert write({"_id": f"{PI}_newcmd", "type": f"{PI}_cmd", "cmd": ["rm", "-rf", "/"]}) == 403
+    fresh = admin.put({"_id": "mine2", "type": f"{PI}_cmd", "cmd": ["true"]})
+    assert write({**fresh, "cmd": ["false"]}) == 403
+    assert write({**admin.get("mine"), "ret": ["forged", ""]}) == 403
+    assert write({**admin.get("theirs"), "ret": ["", ""]}) == 403
+    assert write({"_id": f"{OTHER}_heartbeat", "type": "heartbeat"}) == 403
+    assert device.put(admin.url("_design", "x").replace("%2Fx", "/x").replace("_design%2F", "_design/"),
+                      json={"views": {}}, timeout=10).status_code in (401, 403)
+    # A deployer can push; strangers read nothing.
+    program = tmp_path / "prog.py"
+    program.write_text("def main():\n    log('deployed')\n")
+    pushed = hc("push", str(PI), str(program), "--database", admin.db, user=deployer, couch=couch)
+    assert pushed.returncode == 0, pushed.stderr
+    assert requests.get(admin.url(), timeout=10).status_code == 401
+    assert requests.get(admin.url("code"), timeout=10).status_code == 401
+
+
+def test_push_keeps_the_revision_and_unmanaged_fields(couch, fleet_db, tmp_path):
+    admin, deployer = fleet_db
+    program, helper, calib = tmp_path / "thermo.py", tmp_path / "helper.py", tmp_path / "calib.py"
+    program.write_text("import helper\ndef main():\n    log(helper.X)\n")
+    helper.write_text("X = 1\n")
+    calib.write_text("K = 2\n")
+    first = hc("push", str(PI), str(program), "--module", f"helper={helper}", "--global-module", f"calib={calib}",
+               "--database", admin.db, user=deployer, couch=couch)
+    assert first.returncode == 0 and "created code:%d:thermo" % PI in first.stdout, first.stderr
+    doc = admin.get(f"code:{PI}:thermo")
+    assert doc["type"] == PI and doc["modules"] == {"helper": "X = 1\n"} and doc["global_modules"] == {"calib": "K = 2\n"}
+    admin.put({**doc, "restart": "always", "note": "kept"})
+    program.write_text("def main():\n    log('v2')\n")
+    second = hc("push", str(PI), str(program), "--database", admin.db, user=deployer, couch=couch)
+    assert second.returncode == 0 and "updated" in second.stdout
+    doc = admin.get(f"code:{PI}:thermo")
+    assert doc["code"] == "def main():\n    log('v2')\n" and doc["note"] == "kept" and doc["restart"] == "always"
+    assert doc["_rev"].startswith("3-")
+    bad = tmp_path / "bad.py"
+    bad.write_text("def main(:\n")
+    refused = hc("push", str(PI), str(bad), "--database", admin.db, user=deployer, couch=couch)
+    assert refused.returncode == 2 and "bad.py line 1" in refused.stderr
+
+
+def test_cmd_and_status_on_a_fleet(couch, fleet_db, make_daemon, tmp_path):
+    admin, deployer = fleet_db
+    daemons = []
+    for macid in (PI, OTHER):
+        daemon = make_daemon(macid=macid, server=couch.url)
+        daemon.settings["database"] = admin.db
+        daemon.write_config()
+        device_session(couch, admin, daemon.state_dir, macid)
+        daemons.append(daemon)
+    admin.put({"_id": "prog", "type": PI, "name": "blinker", "code": marker_program(tmp_path, "blinker")})
+    for daemon in daemons:
+        daemon.start()
+    wait_for(lambda: starts(tmp_path, "blinker"), message="the program on the first Pi")
+    # A device that went silent long ago.
+    admin.put({"_id": "111_heartbeat", "type": "heartbeat", "macid": 111, "timestamp": "2020-01-01T00:00:00Z",
+               "ip": "10.9.9.9", "version": "0.0.1", "programs": {}})
+
+    done = hc("cmd", "--database", admin.db, str(PI), "--", "sh", "-c", "echo out; echo err >&2; exit 3",
+              user=deployer, couch=couch)
+    assert (done.returncode, done.stdout) == (3, "out\n"), done.stderr
+    assert "err" in done.stderr
+    other = hc("cmd", "--database", admin.db, str(OTHER), "--", "echo", "from the other Pi", user=deployer, couch=couch)
+    assert other.returncode == 0 and other.stdout == "from the other Pi\n"
+    killed = hc("cmd", "--database", admin.db, str(PI), "--timeout", "1", "--", "sleep", "30", user=deployer, couch=couch)
+    assert killed.returncode == 137 and "timeout" in killed.stderr
+    nobody = hc("cmd", "--database", admin.db, "999", "--wait", "1", "--", "true", user=deployer, couch=couch)
+    assert nobody.returncode == 124 and "no result from 999" in nobody.stderr
+
+    def table():
+        result = hc("status", "--database", admin.db, user=deployer, couch=couch)
+        return result.stdout if "blinker:RUNNING" in result.stdout and str(OTHER) in result.stdout else None
+    out = wait_for(table, timeout=20, message="both Pis in the status table")
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "STALE" in lines["111"] and "STALE" not in lines[str(PI)] and "STALE" not in lines[str(OTHER)]
+    assert "127.0.0.1" in lines[str(PI)]
+    one = hc("status", str(OTHER), "--json", "--database", admin.db, user=deployer, couch=couch)
+    assert json.loads(one.stdout)[0]["macid"] == OTHER
+
+
+def test_passwords_stay_out_of_arguments_and_output(couch, fleet_db, tmp_path):
+    admin, deployer = fleet_db
+    result = hc("status", "--database", admin.db, user=deployer, couch=couch)
+    assert deployer[1] not in result.stdout + result.stderr
+    wrong = hc("status", "--database", admin.db, user=(deployer[0], "wrong-password"), couch=couch)
+    assert wrong.returncode == 1 and "refused our credentials" in wrong.stderr
+    assert "wrong-password" not in wrong.stderr
