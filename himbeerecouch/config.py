@@ -40,6 +40,7 @@ class Config:
     discovery_port: int = 53000
     led_pin: int | None = 16              # BCM pin blinked while waiting for provisioning; empty: none
     log_level: str = "INFO"
+    boot_config: str = "/boot/firmware/himbeerecouch.txt"   # per-card settings; they win; empty: none
 
     @property
     def server_file(self) -> Path:
@@ -73,9 +74,52 @@ def _convert(field: dataclasses.Field, raw: str):
     return raw.strip()
 
 
-def load(path: str | Path | None = None) -> Config:
-    """Read the config file; a missing default file means all defaults."""
+def _values(items, path, strict: bool) -> dict:
+    fields = {field.name: field for field in dataclasses.fields(Config)}
+    values = {}
+    for key, raw in items:
+        if key not in fields or (not strict and key == "boot_config"):
+            # A newer config on an older daemon must not take the Pi offline.
+            log.warning("ignoring unknown key %r in %s", key, path)
+            continue
+        try:
+            values[key] = _convert(fields[key], raw)
+        except ValueError as error:
+            if strict:
+                raise ConfigError(f"bad value for {key!r} in {path}: {raw!r} ({error})") from error
+            log.error("ignoring %s = %r in %s: %s", key, raw, path, error)
+    return values
+
+
+def read_boot_file(path: Path) -> dict:
+    """Settings written on another computer into the card's FAT partition before first boot.
+
+    `key = value` lines, with or without a [himbeerecouch] header. Read at every start: a
+    mistake there is logged and skipped, never a reason for the Pi to stay offline.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")        # editors on other systems add a BOM
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as error:
+        log.error("ignoring %s: %s", path, error)
+        return {}
     parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text if text.lstrip().startswith("[") else f"[{SECTION}]\n{text}", str(path))
+    except configparser.Error as error:
+        log.error("ignoring %s: not `key = value` lines: %s", path, error)
+        return {}
+    if not parser.has_section(SECTION):
+        return {}
+    return _values(parser.items(SECTION), path, strict=False)
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Read the config file (a missing default file means all defaults), then the boot file."""
+    parser = configparser.ConfigParser(interpolation=None)
+    if path is None and DEFAULT_PATH.exists():
+        path = DEFAULT_PATH
     if path is not None:
         try:
             with open(path, encoding="utf-8") as stream:
@@ -84,20 +128,10 @@ def load(path: str | Path | None = None) -> Config:
             raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
         except configparser.Error as error:
             raise ConfigError(f"config file {path} is not valid INI: {error}") from error
-    elif DEFAULT_PATH.exists():
-        return load(DEFAULT_PATH)
-    values = {}
-    if parser.has_section(SECTION):
-        fields = {field.name: field for field in dataclasses.fields(Config)}
-        for key, raw in parser.items(SECTION):
-            if key not in fields:
-                # A newer config on an older daemon must not take the Pi offline.
-                log.warning("ignoring unknown key %r in [%s] of %s", key, SECTION, path)
-                continue
-            try:
-                values[key] = _convert(fields[key], raw)
-            except ValueError as error:
-                raise ConfigError(f"bad value for {key!r} in {path}: {raw!r} ({error})") from error
+    values = _values(parser.items(SECTION), path, strict=True) if parser.has_section(SECTION) else {}
+    boot_config = values.get("boot_config", Config.boot_config)
+    if boot_config:
+        values.update(read_boot_file(Path(boot_config)))
     config = Config(**values)
     if config.max_parallel_commands < 1 or config.command_output_cap_bytes < 1:
         raise ConfigError("max_parallel_commands and command_output_cap_bytes must be at least 1")

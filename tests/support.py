@@ -126,7 +126,7 @@ class DaemonProcess:
                          "state_dir": str(self.state_dir), "grace_seconds": "3",
                          "feed_heartbeat_seconds": "1", "status_interval_seconds": "2",
                          "restart_backoff_max_seconds": "2", "start_seconds": "1",
-                         "log_level": "DEBUG", **{k: str(v) for k, v in settings.items()}}
+                         "log_level": "DEBUG", "boot_config": "", **{k: str(v) for k, v in settings.items()}}
         self.process: subprocess.Popen | None = None
         self.write_config()
 

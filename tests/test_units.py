@@ -121,3 +121,18 @@ def test_a_checkpoint_ahead_of_the_database_is_detected():
     assert seq_ahead(15, 3) and seq_ahead("15-g1AAA", "3-g1BBB")
     assert not seq_ahead(3, 15) and not seq_ahead("3-x", "3-y")
     assert not seq_ahead("opaque", 3) and not seq_ahead(3, "opaque")
+
+
+def test_the_boot_file_wins_and_never_breaks_the_start(tmp_path):
+    boot = tmp_path / "himbeerecouch.txt"
+    boot.write_text("\ufeffserver = http://fleet:5984\nmacid = 77\ngrace_seconds = soon\nboot_config = /x\n")
+    main = tmp_path / "c.conf"
+    main.write_text(f"[himbeerecouch]\nserver = http://conffile:5984\ngrace_seconds = 5\nboot_config = {boot}\n")
+    loaded = config.load(main)
+    assert (loaded.server, loaded.macid, loaded.grace_seconds) == ("http://fleet:5984", 77, 5.0)
+    boot.write_text("this is not = = [ini\n[[[")
+    assert config.load(main).server == "http://conffile:5984"
+    boot.write_bytes(b"\xff\xfe\x00garbage")
+    assert config.load(main).server == "http://conffile:5984"
+    main.write_text("[himbeerecouch]\nboot_config =\n")
+    assert config.load(main).boot_config == ""
