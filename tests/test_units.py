@@ -136,3 +136,16 @@ def test_the_boot_file_wins_and_never_breaks_the_start(tmp_path):
     assert config.load(main).server == "http://conffile:5984"
     main.write_text("[himbeerecouch]\nboot_config =\n")
     assert config.load(main).boot_config == ""
+
+
+def test_the_original_util_api(tmp_path, monkeypatch):
+    from himbeerecouch import util
+    assert util.getipaddr("lo") == "127.0.0.1"
+    assert util.getipaddr("no-such-interface") is None
+    assert isinstance(util.getmacid(), int)
+    # getpassword() follows the configured scheme; legacy is the original formula.
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "c.conf")
+    (tmp_path / "c.conf").write_text(f"[himbeerecouch]\nmacid = 5\npassword_scheme = legacy\n"
+                                     f"state_dir = {tmp_path / 'state'}\nboot_config =\n")
+    import hashlib
+    assert util.getpassword() == hashlib.sha1(("5" + util.getserial()).encode()).hexdigest()
