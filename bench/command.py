@@ -11,61 +11,36 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support import AdminClient, CouchServer, DaemonProcess, free_port  # noqa: E402
-
-MACID = 202481596538417
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+from common import MACID, percentile, server_and_daemon
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commands", type=int, default=50)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="hc-bench-") as tmp:
-        tmp_path = Path(tmp)
-        server = CouchServer(free_port(), tmp_path / "server.log")
-        server.start()
-        daemon = None
-        try:
-            admin = AdminClient(server.url, f"bench_{uuid.uuid4().hex[:8]}")
-            admin.create_db()
-            (tmp_path / "daemon").mkdir()
-            daemon = DaemonProcess(tmp_path / "daemon", server.admin_url, admin.db, MACID,
-                                   log_level="WARNING", feed_heartbeat_seconds=10, status_interval_seconds=30)
-            daemon.start()
-            # Warm up: the first command also waits for the feed to open.
-            admin.put({"_id": "warmup", "type": f"{MACID}_cmd", "cmd": ["true"]})
-            deadline = time.monotonic() + 60
-            while not (admin.get("warmup") or {}).get("ret") and time.monotonic() < deadline:
-                time.sleep(0.05)
-            latencies = []
-            for n in range(args.commands):
-                doc_id = f"c{n}"
-                admin.put({"_id": doc_id, "type": f"{MACID}_cmd", "cmd": ["true"]})
-                written = time.monotonic()
-                while True:
-                    doc = admin.get(doc_id)
-                    if doc and doc.get("ret") is not None:
-                        latencies.append((time.monotonic() - written) * 1000.0)
-                        break
-                    if time.monotonic() - written > 30:
-                        raise SystemExit(f"command {doc_id} got no result within 30 s")
-                    time.sleep(0.002)
-                assert doc["returncode"] == 0, doc
-        finally:
-            if daemon is not None:
-                daemon.stop()
-            server.stop()
+    with server_and_daemon(log_level="WARNING") as (admin, daemon, _):
+        daemon.start()
+        # Warm up: the first command also waits for the feed to open.
+        admin.put({"_id": "warmup", "type": f"{MACID}_cmd", "cmd": ["true"]})
+        deadline = time.monotonic() + 60
+        while not (admin.get("warmup") or {}).get("ret") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        latencies = []
+        for n in range(args.commands):
+            doc_id = f"c{n}"
+            admin.put({"_id": doc_id, "type": f"{MACID}_cmd", "cmd": ["true"]})
+            written = time.monotonic()
+            while True:
+                doc = admin.get(doc_id)
+                if doc and doc.get("ret") is not None:
+                    latencies.append((time.monotonic() - written) * 1000.0)
+                    break
+                if time.monotonic() - written > 30:
+                    raise SystemExit(f"command {doc_id} got no result within 30 s")
+                time.sleep(0.002)
+            assert doc["returncode"] == 0, doc
     print(json.dumps({
         "benchmark": "command_round_trip",
         "commands": args.commands,

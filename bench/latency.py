@@ -13,22 +13,20 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support import AdminClient, CouchServer, DaemonProcess, free_port, wait_for  # noqa: E402
-
-MACID = 202481596538417
+from common import MACID, percentile, server_and_daemon
+from support import wait_for
 
 PROGRAM = '''
 import os, threading, time
 def main():
     stamp = time.time()            # the first action of this version of the code
-    with open(os.path.join({folder!r}, "{label}-{version}-" + str(os.getpid())), "w") as f:
+    path = os.path.join({folder!r}, "{label}-{version}-" + str(os.getpid()))
+    with open(path + ".tmp", "w") as f:
         f.write(repr(stamp))
+    os.rename(path + ".tmp", path)         # the reader never sees it half-written
     done = threading.Event()
     register_quit_notification(done.set)
     done.wait()
@@ -39,51 +37,32 @@ def program(folder: Path, label: str, version: int) -> str:
     return PROGRAM.format(folder=str(folder), label=label, version=version)
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=50)
     parser.add_argument("--programs", type=int, default=10)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="hc-bench-") as tmp:
-        tmp_path = Path(tmp)
+    with server_and_daemon(log_level="INFO") as (admin, daemon, tmp_path):
         markers = tmp_path / "markers"
         markers.mkdir()
-        server = CouchServer(free_port(), tmp_path / "server.log")
-        server.start()
-        daemon = None
-        try:
-            admin = AdminClient(server.url, f"bench_{uuid.uuid4().hex[:8]}")
-            admin.create_db()
-            labels = [f"p{i}" for i in range(args.programs)]
-            for label in labels:
-                admin.put({"_id": label, "type": MACID, "code": program(markers, label, 0)})
-            (tmp_path / "daemon").mkdir()
-            daemon = DaemonProcess(tmp_path / "daemon", server.admin_url, admin.db, MACID,
-                                   log_level="INFO", feed_heartbeat_seconds=10, status_interval_seconds=30)
-            daemon.start()
-            wait_for(lambda: len(list(markers.iterdir())) == len(labels), timeout=60,
-                     message="all programs to start")
-            daemon.wait_log("following changes", timeout=30)
-            target, others = labels[0], labels[1:]
-            latencies = []
-            for version in range(1, args.updates + 1):
-                admin.put({"_id": target, "type": MACID, "code": program(markers, target, version)})
-                written = time.time()
-                found = wait_for(lambda: list(markers.glob(f"{target}-{version}-*")), timeout=30, interval=0.001,
-                                 message=f"version {version} to run")
-                latencies.append((float(found[0].read_text()) - written) * 1000.0)
-            time.sleep(0.5)
-            restarted_others = sum(len(list(markers.glob(f"{label}-*"))) > 1 for label in others)
-        finally:
-            if daemon is not None:
-                daemon.stop()
-            server.stop()
+        labels = [f"p{i}" for i in range(args.programs)]
+        for label in labels:
+            admin.put({"_id": label, "type": MACID, "code": program(markers, label, 0)})
+        daemon.start()
+        wait_for(lambda: len(list(markers.glob("p*-0-*[0-9]"))) == len(labels), timeout=60,
+                 message="all programs to start")
+        daemon.wait_log("following changes", timeout=30)
+        target, others = labels[0], labels[1:]
+        latencies = []
+        for version in range(1, args.updates + 1):
+            admin.put({"_id": target, "type": MACID, "code": program(markers, target, version)})
+            written = time.time()
+            found = wait_for(lambda: list(markers.glob(f"{target}-{version}-*[0-9]")), timeout=30, interval=0.001,
+                             message=f"version {version} to run")
+            latencies.append((float(found[0].read_text()) - written) * 1000.0)
+        time.sleep(0.5)
+        restarted_others = sum(len(list(markers.glob(f"{label}-*[0-9]"))) > 1 for label in others)
 
     result = {
         "benchmark": "restart_latency",
