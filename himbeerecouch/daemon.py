@@ -26,7 +26,7 @@ from .commands import CommandRunner, Limits
 from .couch import Database, split_credentials, redact
 from .discovery import ProvisioningListener
 from .feed import Changed, FeedState, Follower, Snapshot
-from .identity import device_macid
+from .identity import IdentityError, device_macid
 from .notify import Notifier
 from .programs import State, Supervisor, now_iso
 from .state import StateDir, write_atomic
@@ -69,6 +69,7 @@ class Daemon:
         self.writer: StatusWriter | None = None
         self.commands: CommandRunner | None = None
         self.discovery: ProvisioningListener | None = None
+        self._commands_key: tuple = ()
         self._setup(config)
 
     # ---- set-up (also on SIGHUP) ----------------------------------------------------------
@@ -144,11 +145,14 @@ class Daemon:
                                  heartbeat_seconds=self.config.feed_heartbeat_seconds,
                                  backoff_cap=self.config.restart_backoff_max_seconds,
                                  emit=lambda event: self._emit((generation, event)))
-        self.commands = CommandRunner(
-            connect=self._connect, macid=self.macid, state=self.state, max_parallel=self.config.max_parallel_commands,
-            limits=Limits(timeout=self.config.command_timeout_seconds,
-                          output_cap=self.config.command_output_cap_bytes, workdir=self.supervisor.workdir))
-        self.commands.start()
+        if self.commands is None:
+            self.commands = CommandRunner(
+                connect=self._connect, macid=self.macid, state=self.state,
+                max_parallel=self.config.max_parallel_commands,
+                limits=Limits(timeout=self.config.command_timeout_seconds,
+                              output_cap=self.config.command_output_cap_bytes, workdir=self.supervisor.workdir))
+            self.commands.start()
+            self._commands_key = self._connection_key()
         self.writer = StatusWriter(connect=self._connect, doc_id=f"{self.macid}_heartbeat",
                                    interval=self.config.status_interval_seconds)
         self.follower.start()
@@ -187,10 +191,12 @@ class Daemon:
         if self.config.server:
             log.warning("the config file names server %s, which takes precedence over %s",
                         redact(self.config.server), self.config.server_file)
-        self._stop_threads()
-        self._setup(self.config)
-        self._reconcile()
-        self._start_threads()
+        self._restart_threads(self.config)
+
+    def _connection_key(self) -> tuple:
+        return (self.server_url, self.config.database, self.macid, self.config.ca_file,
+                str(self.config.state_dir), self.config.max_parallel_commands,
+                self.config.command_timeout_seconds, self.config.command_output_cap_bytes)
 
     def _stop_threads(self) -> None:
         if self.discovery:
@@ -199,9 +205,18 @@ class Daemon:
             self.follower.stop()
         if self.writer:
             self.writer.stop()
-        if self.commands:
+        self.follower = self.writer = self.discovery = None
+
+    def _restart_threads(self, config: Config) -> None:
+        """New configuration or server: follow it afresh. Running commands go on unless the
+        connection they report to changed."""
+        self._stop_threads()
+        self._setup(config)
+        if self.commands and self._commands_key != self._connection_key():
             self.commands.stop()
-        self.follower = self.writer = self.commands = self.discovery = None
+            self.commands = None
+        self._reconcile()
+        self._start_threads()
 
     # ---- wake-ups -------------------------------------------------------------------------
 
@@ -293,13 +308,13 @@ class Daemon:
                  self.config.grace_seconds)
         self.stopping = True
         self.notifier.stopping()
+        self.supervisor.stop_all("the daemon is stopping")
         if self.follower:
             self.follower.stop()
-        if self.commands:
-            self.commands.stop()
         if self.discovery:
             self.discovery.stop()
-        self.supervisor.stop_all("the daemon is stopping")
+        if self.commands:
+            self.commands.stop()     # running commands are killed and reported interrupted
 
     def handle_hup(self) -> None:
         if self.stopping:
@@ -307,13 +322,12 @@ class Daemon:
         log.info("SIGHUP: re-reading %s and resynchronising", self.config_path or "the configuration")
         try:
             config = load(self.config_path)
-            self._stop_threads()
-            self._setup(config)
-        except (ConfigError, OSError, ValueError) as error:
+            device_macid(config)
+            config.server_url()
+        except (ConfigError, IdentityError, OSError, ValueError) as error:
             log.error("keeping the running configuration: %s", error)
             return
-        self._reconcile()
-        self._start_threads()
+        self._restart_threads(config)
 
     def handle_usr1(self) -> None:
         names = {thread.ident: thread.name for thread in threading.enumerate()}
@@ -391,8 +405,7 @@ class Daemon:
         for thread in (self.follower, self.writer):
             if thread is not None and not thread.is_alive():
                 log.error("%s thread ended unexpectedly; restarting the connection", thread.name)
-                self._stop_threads()
-                self._start_threads()
+                self._restart_threads(self.config)
                 return
 
     # ---- status ---------------------------------------------------------------------------

@@ -147,3 +147,15 @@ def test_commands_get_no_notify_socket(admin, device, tmp_path):
     admin.put({"_id": "env", "type": CMD, "cmd": ["env"]})
     out = result(admin, "env")["ret"][0]
     assert "NOTIFY_SOCKET" not in out and "PATH=" in out
+
+
+def test_sighup_lets_a_running_command_finish(admin, device, tmp_path):
+    daemon = device()
+    daemon.start()
+    started = tmp_path / "started"
+    admin.put({"_id": "steady", "type": CMD, "cmd": ["sh", "-c", f"touch {started}; sleep 2; echo done"]})
+    wait_for(lambda: started.exists(), message="the command to start")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("SIGHUP: re-reading")
+    doc = result(admin, "steady")
+    assert doc["ret"][0] == "done\n" and doc["returncode"] == 0 and "error" not in doc
