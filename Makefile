@@ -12,3 +12,10 @@ bench:
 
 ci:
 	.ci/run
+
+# Debian package (README.md, "Debian package").
+.PHONY: deb
+
+# dist/himbeerecouch_<version>_all.deb, with dpkg-buildpackage -us -uc -b.
+deb:
+	scripts/build-deb
