@@ -14,8 +14,13 @@ ci:
 	.ci/run
 
 # Debian package (README.md, "Debian package").
-.PHONY: deb
+.PHONY: deb pycouchdb-deb
 
 # dist/himbeerecouch_<version>_all.deb, with dpkg-buildpackage -us -uc -b.
 deb:
 	scripts/build-deb
+
+# dist/python3-pycouchdb_<version>_all.deb from the same pinned pycouchdb release, with stdeb,
+# for sites that prefer a system-wide pycouchdb (it then wins over the .deb's private copy).
+pycouchdb-deb:
+	scripts/build-pycouchdb-deb
