@@ -14,7 +14,7 @@ ci:
 	.ci/run
 
 # Debian package (README.md, "Debian package").
-.PHONY: deb pycouchdb-deb
+.PHONY: deb pycouchdb-deb package-test
 
 # dist/himbeerecouch_<version>_all.deb, with dpkg-buildpackage -us -uc -b.
 deb:
@@ -24,3 +24,7 @@ deb:
 # for sites that prefer a system-wide pycouchdb (it then wins over the .deb's private copy).
 pycouchdb-deb:
 	scripts/build-pycouchdb-deb
+
+# The package tier: build, lintian, install into clean Debian roots, piuparts, boot test.
+package-test:
+	scripts/package-test

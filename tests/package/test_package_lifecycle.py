@@ -1,0 +1,380 @@
+"""The package's whole life in a clean Debian root: install with mmdebstrap, boot with
+systemd-nspawn, run a program pushed from the host, watchdog, stop, upgrade, clone, remove,
+purge. One story per Debian release; each step builds on the previous one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pkgtools import ROOT_PACKAGES, SUITES, Container, chroot, mmdebstrap, new_machine_id, reachable, run, timed
+from support import AdminClient, wait_for
+
+pytestmark = [pytest.mark.package_tier, pytest.mark.incremental]
+
+PRESEEDED = "http://preseeded.invalid:5984"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+PROGRAM = '''
+import json, os, threading
+def main():
+    info = {"pid": os.getpid(), "uid": os.getuid(), "groups": os.getgroups(), "cwd": os.getcwd()}
+    import pycouchdb
+    info["pycouchdb"] = pycouchdb.__file__
+    with open("pkgtest-%d.json" % os.getpid(), "w") as f:
+        json.dump(info, f)
+    log("pkgtest started")
+    done = threading.Event()
+    register_quit_notification(done.set)
+    done.wait()
+'''
+# Ignores the quit request: the daemon kills its process group after grace_seconds.
+STUBBORN = '''
+import os, time
+def main():
+    open("stubborn-%d" % os.getpid(), "w").close()
+    while True:
+        time.sleep(1)
+'''
+
+
+class Story:
+    """What the steps share: the root, its container, the test database, what was seen."""
+
+    def __init__(self, suite: str, root: Path, admin: AdminClient, macid: int, couch) -> None:
+        self.suite = suite
+        self.couch = couch
+        self.root = root
+        self.admin = admin
+        self.macid = macid
+        self.container = Container(root, f"hbtest-{suite}", root.parent / f"console-{suite}.log")
+        self.boots = 0
+        self.password = ""
+
+    def boot(self, timings: dict) -> str:
+        """Boot; returns what the console showed during this boot."""
+        self.boots += 1
+        self.container.console_log = self.root.parent / f"console-{self.suite}-{self.boots}.log"
+        seconds = self.container.boot()
+        timings[f"{self.suite}: boot {self.boots} to running"] = round(seconds, 1)
+        return self.console()
+
+    def console(self) -> str:
+        return ANSI.sub("", self.container.console()).replace("\r", "")
+
+    def var(self, *parts: str) -> Path:
+        return self.root / "var" / "rspby" / Path(*parts)
+
+    def markers(self, label: str = "pkgtest") -> list[Path]:
+        return sorted(self.var().glob(f"{label}-*"))
+
+    def wait_new_marker(self, before: list[Path], timeout: float = 60) -> dict:
+        marker = wait_for(lambda: sorted(set(self.markers()) - set(before)), timeout,
+                          message=f"the program to start in the container\n{self.daemon_log()}")[-1]
+        wait_for(lambda: marker.stat().st_size > 0, 10, message=f"{marker} to be written")
+        return json.loads(marker.read_text())
+
+    def daemon_log(self) -> str:
+        return self.container.journal("himbeerecouch")[-4000:] if self.container.leader else ""
+
+    def daemon(self) -> dict[str, str]:
+        return self.container.show("himbeerecouch", "ActiveState", "SubState", "StatusText", "MainPID",
+                                   "NRestarts", "Result", "ExecMainStatus", "InvocationID")
+
+    def uid(self, name: str) -> int:
+        for line in (self.root / "etc" / "passwd").read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == name:
+                return int(fields[2])
+        raise AssertionError(f"no user {name}")
+
+    def gid(self, name: str) -> int | None:
+        for line in (self.root / "etc" / "group").read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == name:
+                return int(fields[2])
+        return None
+
+    def rspby_processes(self) -> str:
+        return self.container.exec("pgrep", "-a", "-u", "rspby", check=False).stdout.strip()
+
+
+def firstboot_lines(console: str) -> list[str]:
+    """What the first-boot unit printed (and the login prompt's issue line)."""
+    return [line for line in console.splitlines() if line.startswith("himbeerecouch:")]
+
+
+def printed_password(lines: list[str]) -> str:
+    for line in lines:
+        match = re.search(r"password:?\s+(\S+)\s*$", line)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no password among the console lines {lines}")
+
+
+@pytest.fixture(scope="class", params=SUITES)
+def story(request, build, workdir, couch, timings):
+    suite = request.param
+    if suite != "bookworm" and not reachable(suite):
+        pytest.skip(f"the Debian archive has no {suite} reachable from here")
+    root = workdir / suite / "root"
+    root.parent.mkdir(parents=True)
+    preseed = f'echo "himbeerecouch himbeerecouch/server string {PRESEEDED}" | chroot "$1" debconf-set-selections'
+    # Raspberry Pi OS has these groups (the device nodes' owners); a Debian root has dialout only.
+    pi_groups = ('for g in gpio:990 i2c:991 spi:992; do echo "${g%:*}:x:${g#*:}:" >> "$1/etc/group"; '
+                 'echo "${g%:*}:!::" >> "$1/etc/gshadow"; done')
+    timed(f"{suite}: mmdebstrap root with the .deb", timings, mmdebstrap, suite, root,
+          ROOT_PACKAGES + [str(build.deb)], essential_hooks=[preseed, pi_groups])
+    admin = AdminClient(couch.url, f"pkgtest_{suite}_{uuid.uuid4().hex[:8]}")
+    admin.create_db()
+    # A Pi's CPU serial does not change between boots; off a Pi the machine-id stands in for it.
+    new_machine_id(root)
+    result = Story(suite, root, admin, macid=0x02AB00000000 + SUITES.index(suite) + 1, couch=couch)
+    yield result
+    result.container.poweroff()
+
+
+@pytest.fixture(scope="session")
+def pycouchdb_deb(build) -> Path:
+    """python3-pycouchdb built with stdeb by `make pycouchdb-deb` in the clean checkout."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root"),
+           "PYCOUCHDB_DIR": str(Path(__file__).resolve().parents[2] / ".cache" / "deb")}
+    run(["make", "pycouchdb-deb"], cwd=build.src, env=env)
+    return next((build.src / "dist").glob("python3-pycouchdb_*_all.deb"))
+
+
+class TestLifecycle:
+    # ---- installed by mmdebstrap ---------------------------------------------------------
+
+    def test_user_groups_and_state_dir(self, story):
+        passwd = chroot(story.root, "getent", "passwd", "rspby").stdout.strip().split(":")
+        assert passwd[5] == "/var/rspby" and passwd[6] == "/usr/sbin/nologin"
+        assert int(passwd[2]) < 1000, "a system user"
+        groups = chroot(story.root, "id", "-nG", "rspby").stdout.split()
+        assert {"rspby", "dialout", "gpio", "i2c", "spi"} <= set(groups), groups
+        stat = chroot(story.root, "stat", "-c", "%U:%G %a", "/var/rspby").stdout.strip()
+        assert stat == "rspby:rspby 750"
+
+    def test_units_enabled(self, story):
+        wants = story.root / "etc" / "systemd" / "system" / "multi-user.target.wants"
+        assert (wants / "himbeerecouch.service").is_symlink()
+        assert (wants / "himbeerecouch-firstboot.service").is_symlink()
+        # (Debian 13's systemctl also says, among its lines, that /proc is not mounted.)
+        states = chroot(story.root, "systemctl", "is-enabled", "himbeerecouch.service",
+                        "himbeerecouch-firstboot.service").stdout.splitlines()
+        assert [line for line in states if re.fullmatch(r"[a-z-]+", line)] == ["enabled", "enabled"], states
+
+    def test_systemd_analyze_verify_prints_nothing(self, story):
+        # It exits 0 even on parse errors: its output is the verdict.
+        result = chroot(story.root, "systemd-analyze", "verify", "/lib/systemd/system/himbeerecouch.service",
+                        "/lib/systemd/system/himbeerecouch-firstboot.service", check=False)
+        assert result.stdout.strip() == "" and result.returncode == 0, result.stdout
+
+    def test_systemd_analyze_security(self, story):
+        result = run(["systemd-analyze", "security", "--offline=yes", "--threshold=30", f"--root={story.root}",
+                      "himbeerecouch.service"], check=False)
+        assert result.returncode == 0, result.stdout
+
+    def test_preseeded_server_written_to_state_dir(self, story):
+        server = story.var("server")
+        assert server.read_text() == PRESEEDED + "\n"
+        assert chroot(story.root, "stat", "-c", "%U:%G %a", "/var/rspby/server").stdout.strip() == "rspby:rspby 640"
+        conffile = (story.root / "etc" / "himbeerecouch" / "himbeerecouch.conf").read_text()
+        assert PRESEEDED not in conffile and not re.search(r"^server", conffile, re.MULTILINE)
+
+    def test_reconfigure_updates_the_debconf_server_file(self, story):
+        url = story.couch.admin_url
+        chroot(story.root, "debconf-set-selections", input=f"himbeerecouch himbeerecouch/server string {url}\n")
+        chroot(story.root, "dpkg-reconfigure", "-fnoninteractive", "himbeerecouch")
+        assert story.var("server").read_text() == url + "\n"
+        # An empty answer leaves the file as it is.
+        chroot(story.root, "debconf-set-selections", input="himbeerecouch himbeerecouch/server string\n")
+        chroot(story.root, "dpkg-reconfigure", "-fnoninteractive", "himbeerecouch")
+        assert story.var("server").read_text() == url + "\n"
+        chroot(story.root, "debconf-set-selections", input=f"himbeerecouch himbeerecouch/server string {url}\n")
+
+    # ---- first boot ----------------------------------------------------------------------
+
+    def test_first_boot_shows_new_credentials(self, story, timings):
+        conffile = story.root / "etc" / "himbeerecouch" / "himbeerecouch.conf"
+        with open(conffile, "a") as stream:
+            stream.write(f"\n# package tier\ndatabase = {story.admin.db}\nmacid = {story.macid}\n")
+        story.admin.put({"_id": "pkgtest", "type": story.macid, "code": PROGRAM})
+        story.admin.put({"_id": "stubborn", "type": story.macid, "code": STUBBORN})
+        console = story.boot(timings)
+        lines = firstboot_lines(console)
+        assert any(str(story.macid) in line for line in lines), console[-3000:]
+        assert any(re.search(r"\bnew\b", line, re.IGNORECASE) for line in lines), lines
+        # Clean lines: no journal-style prefixes.
+        assert not any(re.search(r"himbeerecouch-creds\[\d+\]", line) for line in lines), lines
+        story.password = printed_password(lines)
+        creds = json.loads(story.var("credentials.json").read_text())
+        assert creds["password"] == story.password
+        assert chroot(story.root, "stat", "-c", "%U:%G %a", "/var/rspby/credentials.json").stdout.strip() == "rspby:rspby 600"
+        issue = (story.root / "etc" / "issue.d" / "himbeerecouch.issue").read_text()
+        assert story.password in issue and str(story.macid) in issue
+
+    def test_daemon_ready(self, story):
+        state = wait_for(lambda: (lambda s: s if s["ActiveState"] == "active" else None)(story.daemon()), 30,
+                         message="himbeerecouch.service active")
+        # Type=notify: "active (running)" means READY=1 was received; STATUS= is its summary.
+        assert state["SubState"] == "running" and state["StatusText"], state
+
+    def test_program_from_the_host_runs_in_the_container(self, story):
+        info = story.wait_new_marker([])
+        assert info["uid"] == story.uid("rspby") and info["cwd"] == "/var/rspby"
+        # The groups that own GPIO, I2C, SPI and serial devices reach the programs.
+        for group in ["dialout", "gpio", "i2c", "spi"]:
+            assert story.gid(group) in info["groups"], group
+        # Debian has no pycouchdb: the package's private copy.
+        assert info["pycouchdb"] == "/usr/lib/himbeerecouch/python/pycouchdb/__init__.py"
+        assert story.markers("stubborn")
+        heartbeat = wait_for(lambda: story.admin.get(f"{story.macid}_heartbeat"), 30,
+                             message="the status document")
+        assert "pkgtest" in heartbeat["running_ids"]
+
+    def test_watchdog_restarts_a_stopped_daemon(self, story, timings):
+        before = story.daemon()
+        markers = story.markers()
+        start = time.monotonic()
+        story.container.exec("kill", "-STOP", before["MainPID"])
+
+        def restarted():
+            state = story.daemon()
+            return state if (state["NRestarts"] == "1" and state["ActiveState"] == "active"
+                             and state["MainPID"] not in ("0", before["MainPID"])) else None
+        state = wait_for(restarted, 120, interval=0.5, message="a watchdog restart")
+        timings[f"{story.suite}: watchdog restart after SIGSTOP"] = round(time.monotonic() - start, 1)
+        assert "watchdog" in story.container.journal("himbeerecouch").lower()
+        assert state["SubState"] == "running"
+        story.wait_new_marker(markers)
+
+    def test_stop_stops_every_program(self, story, timings):
+        assert "himbeerecouch.child" in story.rspby_processes()
+        start = time.monotonic()
+        story.container.exec("systemctl", "stop", "himbeerecouch.service")
+        seconds = time.monotonic() - start
+        timings[f"{story.suite}: systemctl stop (a program ignoring the quit request)"] = round(seconds, 1)
+        assert story.rspby_processes() == ""
+        state = story.daemon()
+        # The daemon itself killed the stubborn program after grace_seconds and exited 0:
+        # systemd did not have to kill anything (TimeoutStopSec outlasts the grace).
+        assert state["ActiveState"] == "inactive" and state["Result"] == "success", state
+        assert state["ExecMainStatus"] == "0", state
+        assert 15 < seconds < 40, seconds
+        # The rest of the story does not need to wait for it at every stop.
+        story.admin.delete("stubborn")
+
+    # ---- second boot, upgrade ------------------------------------------------------------
+
+    def test_second_boot_same_credentials_not_new(self, story, timings):
+        story.container.poweroff()
+        console = story.boot(timings)
+        lines = firstboot_lines(console)
+        assert printed_password(lines) == story.password, lines
+        assert not any(re.search(r"\bnew\b", line, re.IGNORECASE) for line in lines), lines
+        wait_for(lambda: story.daemon()["ActiveState"] == "active", 30, message="the daemon after boot")
+        # The last-known code still had the stubborn program: gone once the daemon has synced
+        # and the grace has run out.
+        wait_for(lambda: story.rspby_processes().count("himbeerecouch.child") == 1, 60, interval=0.5,
+                 message="the deleted stubborn program to be stopped")
+
+    def test_upgrade_restarts_once_and_keeps_state(self, story, build, timings):
+        wait_for(lambda: story.markers(), 30, message="programs running")
+        kept = {name: hashlib.sha256(story.var(name).read_bytes()).hexdigest()
+                for name in ("credentials.json", "server", "code.json")}
+        cursor = story.container.exec("journalctl", "-u", "himbeerecouch", "-n", "0", "--show-cursor",
+                                      check=False).stdout.strip().split("cursor: ")[-1]
+        before = story.daemon()
+        deb = build.upgraded_deb()
+        shutil.copy(deb, story.root / "root" / deb.name)
+        start = time.monotonic()
+        story.container.exec("dpkg", "-i", f"/root/{deb.name}")
+        timings[f"{story.suite}: upgrade (dpkg -i)"] = round(time.monotonic() - start, 1)
+        (story.root / "root" / deb.name).unlink()
+        after = wait_for(lambda: (lambda s: s if s["ActiveState"] == "active" else None)(story.daemon()), 60,
+                         message="the daemon after the upgrade")
+        assert after["InvocationID"] != before["InvocationID"]
+        journal = story.container.exec("journalctl", "-u", "himbeerecouch", "--no-pager",
+                                       f"--after-cursor={cursor}").stdout
+        assert len(re.findall(r"systemd\[1\]: Started himbeerecouch\.service", journal)) == 1, journal
+        assert len(re.findall(r"systemd\[1\]: Stopping himbeerecouch\.service", journal)) == 1, journal
+        for name, digest in kept.items():
+            assert hashlib.sha256(story.var(name).read_bytes()).hexdigest() == digest, f"{name} changed"
+        assert story.container.exec("dpkg-query", "-W", "-f", "${Version}", "himbeerecouch").stdout.endswith("+pkgtest1")
+
+    def test_system_pycouchdb_wins_over_the_private_copy(self, story, pycouchdb_deb):
+        shutil.copy(pycouchdb_deb, story.root / "root" / pycouchdb_deb.name)
+        story.container.exec("dpkg", "-i", f"/root/{pycouchdb_deb.name}")
+        (story.root / "root" / pycouchdb_deb.name).unlink()
+        markers = story.markers()
+        story.container.exec("systemctl", "restart", "himbeerecouch.service")
+        info = story.wait_new_marker(markers)
+        assert info["pycouchdb"] == "/usr/lib/python3/dist-packages/pycouchdb/__init__.py"
+        story.container.exec("dpkg", "--purge", "python3-pycouchdb")
+        markers = story.markers()
+        story.container.exec("systemctl", "restart", "himbeerecouch.service")
+        assert story.wait_new_marker(markers)["pycouchdb"].startswith("/usr/lib/himbeerecouch/python/")
+
+    # ---- a cloned card -------------------------------------------------------------------
+
+    def test_cloned_card_gets_new_credentials(self, story, timings):
+        story.container.poweroff()
+        new_machine_id(story.root)
+        console = story.boot(timings)
+        lines = firstboot_lines(console)
+        assert any(re.search(r"\bnew\b", line, re.IGNORECASE) for line in lines), lines
+        password = printed_password(lines)
+        assert password != story.password
+        assert list(story.var().glob("credentials.json.*.old")), "the old credentials are kept aside"
+        assert password in (story.root / "etc" / "issue.d" / "himbeerecouch.issue").read_text()
+        story.password = password
+
+    def test_operator_server_file_is_never_overwritten(self, story):
+        own = "http://operator.example:5984\n"
+        story.container.sh(f"printf '{own}' > /var/rspby/server.new && mv /var/rspby/server.new /var/rspby/server")
+        story.container.sh("echo 'himbeerecouch himbeerecouch/server string http://other.example:5984' "
+                           "| debconf-set-selections && dpkg-reconfigure -fnoninteractive himbeerecouch")
+        assert story.var("server").read_text() == own
+
+    # ---- remove, purge -------------------------------------------------------------------
+
+    def test_remove_stops_the_daemon_and_keeps_the_state(self, story):
+        wait_for(lambda: story.rspby_processes(), 30, message="the daemon running before removal")
+        story.container.exec("dpkg", "-r", "himbeerecouch")
+        assert story.rspby_processes() == ""
+        assert story.container.exec("systemctl", "is-active", "himbeerecouch.service", check=False).stdout.strip() \
+            in ("inactive", "failed")
+        assert story.var("credentials.json").exists()
+        assert (story.root / "etc" / "himbeerecouch" / "himbeerecouch.conf").exists()
+        assert not (story.root / "etc" / "issue.d" / "himbeerecouch.issue").exists()
+        story.container.poweroff()
+
+    def test_purge_leaves_nothing(self, story):
+        chroot(story.root, "dpkg", "--purge", "himbeerecouch")
+        root = story.root
+        for path in ["var/rspby", "etc/himbeerecouch", "etc/issue.d", "usr/lib/himbeerecouch",
+                     "usr/lib/python3/dist-packages/himbeerecouch", "lib/systemd/system/himbeerecouch.service",
+                     "usr/lib/tmpfiles.d/himbeerecouch.conf"]:
+            assert not (root / path).exists(), path
+        for name in ["passwd", "group", "shadow", "gshadow"]:
+            assert "rspby" not in (root / "etc" / name).read_text(), name
+        assert chroot(root, "debconf-show", "himbeerecouch").stdout.strip() == ""
+        # Any other trace: everything but logs, the journal, dpkg's and apt's own records and the
+        # backups that shadow's tools (passwd-, group-, ...) and debconf (*.dat-old) keep of the
+        # state before their last change.
+        leftovers = run(["grep", "-rIl", "-e", "himbeerecouch", "-e", "rspby",
+                         "--exclude-dir=log", "--exclude-dir=dpkg", "--exclude-dir=apt",
+                         "--exclude=*-", "--exclude=*.dat-old",
+                         str(root / "etc"), str(root / "var"), str(root / "usr/lib"), str(root / "lib/systemd")],
+                        check=False).stdout.split()
+        assert leftovers == []
