@@ -67,13 +67,15 @@ class Build:
         self.changes = next((self.src / "build" / "deb").glob(f"himbeerecouch_{self.version}_*.changes"))
 
     def upgraded_deb(self, suffix: str = "+pkgtest1") -> Path:
-        """The same package under a higher version, to exercise the upgrade path."""
+        """The same package under a higher version, to exercise the upgrade path (made once)."""
+        version = self.version + suffix
+        out = self.workdir / f"himbeerecouch_{version}_all.deb"
+        if out.exists():
+            return out
         unpacked = self.workdir / "upgrade"
         run(["dpkg-deb", "-R", str(self.deb), str(unpacked)])
         control = unpacked / "DEBIAN" / "control"
-        version = self.version + suffix
         control.write_text(control.read_text().replace(f"Version: {self.version}\n", f"Version: {version}\n"))
-        out = self.workdir / f"himbeerecouch_{version}_all.deb"
         run(["dpkg-deb", "--root-owner-group", "-b", str(unpacked), str(out)])
         return out
 
