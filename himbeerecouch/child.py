@@ -2,7 +2,8 @@
 
 Started by the supervisor as `python3 -m himbeerecouch.child`. It reads one JSON line on stdin
 (the program: code, modules, how to reach the database), then watches stdin: end of file means
-the daemon is gone, and the program is asked to quit, as with SIGTERM.
+the daemon is gone, and the program is asked to quit, as with SIGTERM; after the grace period
+its process group is killed.
 Structured messages (log lines, the reason of a failure) go to the daemon on the file
 descriptor named by HIMBEERECOUCH_REPORT_FD, one JSON object per line; stdout and stderr stay
 the program's own.
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable
 
@@ -160,8 +162,8 @@ def run(spec: dict, reporter: Reporter) -> int:
     os.dup2(null, 0)
     os.close(null)
     sys.stdin = open(0, encoding="utf-8", closefd=False)
-    threading.Thread(target=_watch_daemon, args=(daemon_pipe, context), daemon=True,
-                     name="daemon-watch").start()
+    threading.Thread(target=_watch_daemon, args=(daemon_pipe, context, spec.get("grace_seconds", 20)),
+                     daemon=True, name="daemon-watch").start()
 
     # The program's own modules win over the global ones; its code is the module `main`.
     sources = {**spec.get("global_modules", {}), **spec.get("modules", {}), "main": spec["code"]}
@@ -189,7 +191,7 @@ def run(spec: dict, reporter: Reporter) -> int:
     return 0
 
 
-def _watch_daemon(fd: int, context: ProgramContext) -> None:
+def _watch_daemon(fd: int, context: ProgramContext, grace_seconds: float) -> None:
     # The daemon never writes more after the program line: end of file means it is gone.
     try:
         while os.read(fd, 4096):
@@ -197,6 +199,10 @@ def _watch_daemon(fd: int, context: ProgramContext) -> None:
     except OSError:
         pass
     context.request_quit()
+    # Nobody is left to enforce the grace period: the program does it to itself, so that no
+    # process outlives its daemon (outside systemd nothing else would end them).
+    time.sleep(grace_seconds)
+    os.killpg(0, signal.SIGKILL)
 
 
 def main() -> None:

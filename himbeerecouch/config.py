@@ -21,6 +21,7 @@ class Config:
     server: str = ""                      # empty: read <state_dir>/server (original location)
     database: str = "nedm/raspberries"
     interface: str = "eth0"
+    interface_wait_seconds: float = 20.0  # early in a boot, wait this long for `interface` to appear
     macid: int | None = None              # overrides the MacID derived from the interface
     state_dir: Path = Path("/var/rspby")
     grace_seconds: float = 20.0           # from quit request to SIGKILL of the program's group

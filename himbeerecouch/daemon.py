@@ -402,6 +402,8 @@ class Daemon:
         self.supervisor.apply(wanted)
 
     def _check_threads(self) -> None:
+        if self.stopping:
+            return                                   # they were told to end
         for thread in (self.follower, self.writer):
             if thread is not None and not thread.is_alive():
                 log.error("%s thread ended unexpectedly; restarting the connection", thread.name)

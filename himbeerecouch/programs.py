@@ -193,7 +193,7 @@ class Supervisor:
         spec = program.spec
         payload = {"doc_id": spec.doc_id, "name": spec.name, "code": spec.code,
                    "modules": spec.modules, "global_modules": spec.global_modules,
-                   "database": self.database_settings}
+                   "database": self.database_settings, "grace_seconds": self.grace_seconds}
         report_read, report_write = os.pipe()
         env = child_environment()
         env["PYTHONUNBUFFERED"] = "1"
@@ -281,10 +281,11 @@ class Supervisor:
                 if returncode is not None:
                     self._reaped(program, returncode)
                     continue
-                if program.state == State.STOPPING and now >= program.deadline:
+                if program.state == State.STOPPING and program.deadline is not None and now >= program.deadline:
                     log.warning("%s: did not quit within %.0f s, killing its process group",
                                 program.name, self.grace_seconds)
                     program.killed = True
+                    program.deadline = None        # once: the kill is certain, reaping follows
                     _kill_group(process.pid)
                 elif program.state == State.STARTING and now - program.started_at >= self.start_seconds:
                     program.set_state(State.RUNNING)

@@ -134,6 +134,22 @@ def main():
     daemon.wait_log("did not quit within 1 s")
     daemon.wait_log("killed by SIGKILL after the grace period")
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), message="the process to be gone")
+    assert daemon.log().count("did not quit within") == 1
+
+
+def test_programs_do_not_outlive_a_killed_daemon(admin, make_daemon, tmp_path):
+    stubborn = marker_program(tmp_path, "orphan", '    import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n'
+                                                   '    register_quit_notification(lambda: log("told to quit"))\n'
+                                                   '    while True: time.sleep(0.1)')
+    admin.put({"_id": "orphan", "type": MACID, "code": stubborn})
+    daemon = make_daemon(grace_seconds=1)
+    daemon.start()
+    wait_for(lambda: starts(tmp_path, "orphan"), message="the program")
+    pid = int(starts(tmp_path, "orphan")[0].split("-")[1])
+    daemon.process.kill()               # no systemd here to clean up after it
+    daemon.process.wait()
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or " Z " in open(f"/proc/{pid}/stat").read(),
+             timeout=10, message="the orphaned program to end itself after the grace period")
 
 
 def test_restart_policies(admin, make_daemon, tmp_path):
@@ -203,6 +219,7 @@ def test_sigterm_stops_everything_with_no_orphans(admin, make_daemon, tmp_path):
             starts(tmp_path, "grandchild") + starts(tmp_path, "plain") + starts(tmp_path, "spawner")]
     assert daemon.stop() == 0
     assert "quitting plain" in daemon.log() and "stopped" in daemon.log()
+    assert "ended unexpectedly" not in daemon.log()
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), timeout=5,
              message="no process of the programs left")
 

@@ -149,3 +149,18 @@ def test_the_original_util_api(tmp_path, monkeypatch):
                                      f"state_dir = {tmp_path / 'state'}\nboot_config =\n")
     import hashlib
     assert util.getpassword() == hashlib.sha1(("5" + util.getserial()).encode()).hexdigest()
+
+
+def test_a_late_interface_is_waited_for_early_in_a_boot(tmp_path):
+    import threading
+    net = make_net(tmp_path, {"wlan0": "b8:27:eb:00:00:01"})
+    threading.Timer(0.3, lambda: make_net(tmp_path, {"eth0": "b8:27:eb:00:00:02"})).start()
+    assert identity.find_mac("eth0", net, wait_seconds=5, uptime=lambda: 10.0) == ("eth0", "b8:27:eb:00:00:02")
+
+
+def test_no_wait_on_a_system_that_is_up_for_long(tmp_path):
+    import time
+    net = make_net(tmp_path, {"wlan0": "b8:27:eb:00:00:01"})
+    started = time.monotonic()
+    assert identity.find_mac("eth0", net, wait_seconds=5, uptime=lambda: 3600.0)[0] == "wlan0"
+    assert time.monotonic() - started < 1
