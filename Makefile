@@ -28,3 +28,15 @@ pycouchdb-deb:
 # The package tier: build, lintian, install into clean Debian roots, piuparts, boot test.
 package-test:
 	scripts/package-test
+
+# SD card image (README.md, "SD card image").
+.PHONY: image system-test
+
+# build/image/amd64: the test image (image/stage-himbeerecouch applied by image/run-stage to a
+# Debian root, exported as a disk); a real image is built with pi-gen and image/config. Root.
+image: deb
+	image/build-test-image
+
+# The system tier: the test image booted under QEMU, the stage on an arm64 root. Root.
+system-test:
+	scripts/system-test
