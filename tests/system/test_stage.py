@@ -79,3 +79,54 @@ def test_run_stage_follows_pi_gen_conventions(image, tmp_path):
     finally:
         if str(work) not in Path("/proc/self/mounts").read_text():
             subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+
+
+def stage_config(tmp_path: Path, base: Path, deb: Path, server: str) -> Path:
+    config = tmp_path / "config"
+    config.write_text(f'export WORK_DIR="{tmp_path / "work"}"\nexport PREV_ROOTFS_DIR="{base}"\n'
+                      f'export HIMBEERECOUCH_DEB="{deb}"\nexport HIMBEERECOUCH_SERVER="{server}"\n'
+                      "export DEBIAN_FRONTEND=noninteractive\n")
+    return config
+
+
+def run_stage(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "image" / "run-stage"), "-c", str(ROOT / "image" / "config"), "-c", str(config),
+                           str(ROOT / "image" / "stage-himbeerecouch")], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=900,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C.UTF-8"})
+
+
+def remove_work(work: Path) -> None:
+    if str(work) not in Path("/proc/self/mounts").read_text():
+        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+
+
+def test_preseeded_server_ends_up_in_the_boot_file(image, deb, tmp_path):
+    """HIMBEERECOUCH_SERVER in pi-gen's config: preseeded through the package's debconf question
+    (00-debconf, expanded in the chroot), it becomes the boot file's server line, and neither
+    /var/rspby nor the debconf database keeps it."""
+    from himbeerecouch.config import read_boot_file
+
+    base = Path(image["ROOTFS"]).parents[1] / "stage2" / "rootfs"
+    url = "https://couch.example.org:6984"
+    try:
+        result = run_stage(stage_config(tmp_path, base, deb, url))
+        assert result.returncode == 0, result.stdout[-5000:]
+        rootfs = tmp_path / "work" / "stage-himbeerecouch" / "rootfs"
+        boot_file = rootfs / "boot" / "firmware" / "himbeerecouch.txt"
+        assert read_boot_file(boot_file) == {"server": url}
+        assert not any((rootfs / "var" / "rspby").iterdir())
+        answer = chroot(rootfs, "debconf-show", "himbeerecouch").stdout
+        assert url not in answer and "himbeerecouch/server:" in answer, answer
+    finally:
+        remove_work(tmp_path / "work")
+
+
+def test_server_with_a_password_is_refused(image, deb, tmp_path):
+    base = Path(image["ROOTFS"]).parents[1] / "stage2" / "rootfs"
+    try:
+        result = run_stage(stage_config(tmp_path, base, deb, "https://admin:secret@couch.example.org:6984"))
+        assert result.returncode != 0
+        assert "no image may hold a password" in result.stdout, result.stdout[-3000:]
+    finally:
+        remove_work(tmp_path / "work")
