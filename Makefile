@@ -8,7 +8,7 @@ test:
 	scripts/test
 
 bench:
-	scripts/bootstrap && .venv/bin/python bench/latency.py
+	scripts/bootstrap && .venv/bin/python bench/latency.py && .venv/bin/python bench/command.py
 
 ci:
 	.ci/run
