@@ -28,6 +28,7 @@ CREDENTIALS = re.compile(
     r"himbeerecouch:   MacID \(user name\): (?P<macid>\d+)\n"
     r"himbeerecouch:   password:          (?P<password>\S+)$", re.MULTILINE)
 PROGRAM = '''\
+import time
 
 def main():
     log("hello from the SD card image")
