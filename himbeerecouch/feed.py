@@ -18,6 +18,8 @@ from .couch import CONNECTION_ERRORS, Change, Database, NotFound, describe_error
 
 log = logging.getLogger(__name__)
 
+CREDENTIALS_RETRY_SECONDS = 10.0
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -81,6 +83,10 @@ class Follower(threading.Thread):
             if self.stopped:
                 return
             delay = self._backoff.next_delay()
+            if "refused our credentials" in message:
+                # Typically the device's CouchDB user is not made yet: its code should run
+                # soon after it is, not a minute later.
+                delay = min(delay, CREDENTIALS_RETRY_SECONDS)
             log.warning("server unreachable (%s); retrying in %.1f s", message, delay)
             self._emit(FeedState(connected=False, error=message))
             self._stop_event.wait(delay)

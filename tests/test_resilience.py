@@ -97,9 +97,10 @@ def test_resume_from_the_checkpoint_after_a_restart(admin, make_daemon, tmp_path
     daemon.start()
     daemon.wait_log("p: v3")
     daemon.wait_log(f"since {checkpoint['seq']}")
-    # The change seen twice (first read and feed replay) started the program only once more.
+    # The change seen twice (first read and feed replay) started the new code once. (The cached
+    # v2 starts first, offline-style, and may or may not reach main() before it is replaced.)
     time.sleep(1.0)
-    assert len(starts(tmp_path, "p")) == 3
+    assert daemon.log().count("p: v3") == 1
 
 
 def test_server_killed_and_restarted_while_programs_run(tmp_path):

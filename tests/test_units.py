@@ -164,3 +164,23 @@ def test_no_wait_on_a_system_that_is_up_for_long(tmp_path):
     started = time.monotonic()
     assert identity.find_mac("eth0", net, wait_seconds=5, uptime=lambda: 3600.0)[0] == "wlan0"
     assert time.monotonic() - started < 1
+
+
+def test_refused_credentials_are_retried_sooner(monkeypatch):
+    # A device whose CouchDB user is made later must start its code soon after.
+    import time
+    from pycouchdb import exceptions
+    from himbeerecouch import feed
+    monkeypatch.setattr(feed, "CREDENTIALS_RETRY_SECONDS", 0.05)
+    states = []
+
+    def refuse():
+        raise exceptions.GenericError({"error": "unauthorized", "reason": "Name or password is incorrect."})
+
+    follower = feed.Follower(connect=refuse, macid=1, since=None, heartbeat_seconds=1, backoff_cap=60,
+                             emit=states.append)
+    follower.start()
+    time.sleep(1.0)
+    follower.stop()
+    assert len(states) >= 5                       # uncapped, the second retry alone waits 2 s
+    assert "refused our credentials" in states[0].error
