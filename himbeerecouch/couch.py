@@ -67,6 +67,10 @@ def describe_error(error: BaseException) -> str:
         reason = str(error)
         if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate verify failed" in reason:
             hint = reason.split("certificate verify failed:", 1)[-1].split("'")[0].strip(" ()")
+            if "key usage" in hint.lower() or "basic constraints" in hint.lower():
+                return (f"TLS certificate verification failed ({hint}): the CA certificate lacks the "
+                        "extensions strict verification requires (basicConstraints CA:TRUE, keyUsage "
+                        "keyCertSign): reissue it with them")
             return (f"TLS certificate verification failed ({hint}): the server's certificate is not "
                     "signed by a trusted CA or is made for another host name; give the CA that signed "
                     "it with ca_file (--ca-file)")

@@ -351,9 +351,9 @@ class ProvisioningListener(threading.Thread):
                 self.dropped += 1
                 log.debug("discovery: receiving failed: %s", error)
                 continue
-            self._handle(data, sender)
+            self._handle_datagram(data, sender)
 
-    def _handle(self, data: bytes, sender: tuple[str, int]) -> None:
+    def _handle_datagram(self, data: bytes, sender: tuple[str, int]) -> None:
         url = self._parse(data)
         if not isinstance(url, str):
             self.dropped += 1

@@ -184,3 +184,14 @@ def test_refused_credentials_are_retried_sooner(monkeypatch):
     follower.stop()
     assert len(states) >= 5                       # uncapped, the second retry alone waits 2 s
     assert "refused our credentials" in states[0].error
+
+
+def test_tls_failures_say_what_to_do():
+    import requests
+    from himbeerecouch.couch import describe_error
+    untrusted = requests.exceptions.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+                                             "unable to get local issuer certificate (_ssl.c:1006)')")
+    assert "give the CA that signed it with ca_file" in describe_error(untrusted)
+    weak_ca = requests.exceptions.SSLError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+                                           "CA cert does not include key usage extension (_ssl.c:1020)')")
+    assert "reissue it" in describe_error(weak_ca)
