@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .couch import CONNECTION_ERRORS, Conflict, Database, describe_error
-from .programs import child_environment, now_iso
+from .programs import child_environment, kill_group, now_iso
 from .state import StateDir
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def run_command(argv: list[str], timeout: float, limits: Limits,
             remaining = deadline - time.monotonic()
             if remaining <= 0 and not timed_out:
                 timed_out = True
-                _kill_group(process.pid)
+                kill_group(process.pid)
             for key, _ in selector.select(0.2 if timed_out else min(remaining, 0.2)):
                 data = os.read(key.fd, 65536)
                 if not data:
@@ -107,7 +107,7 @@ def run_command(argv: list[str], timeout: float, limits: Limits,
                 dropped[key.fileobj] += len(data) - min(room, len(data))
             if process.poll() is not None:
                 # Whatever it left running must not hold the pipes (or the Pi) forever.
-                _kill_group(process.pid)
+                kill_group(process.pid)
     returncode = process.wait()
     for stream in kept:
         stream.close()
@@ -119,13 +119,6 @@ def run_command(argv: list[str], timeout: float, limits: Limits,
     if any(dropped.values()):
         result["truncated"] = True
     return result
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class Ledger:
@@ -193,7 +186,7 @@ class CommandRunner:
         with self._lock:
             processes = list(self._processes.values())
         for process in processes:
-            _kill_group(process.pid)
+            kill_group(process.pid)
         self._claims.put(None)
         for _ in self._threads[1:]:
             self._runs.put(None)
@@ -320,7 +313,7 @@ class CommandRunner:
         with self._lock:
             self._processes[doc_id] = process
         if self._stopping.is_set():
-            _kill_group(process.pid)
+            kill_group(process.pid)
 
     def _report(self, doc: dict, result: dict, db: Database | None = None) -> bool:
         """Write the result into the document, merging with whatever else changed meanwhile."""

@@ -286,7 +286,7 @@ class Supervisor:
                                 program.name, self.grace_seconds)
                     program.killed = True
                     program.deadline = None        # once: the kill is certain, reaping follows
-                    _kill_group(process.pid)
+                    kill_group(process.pid)
                 elif program.state == State.STARTING and now - program.started_at >= self.start_seconds:
                     program.set_state(State.RUNNING)
                     program.backoff.reset()
@@ -302,7 +302,7 @@ class Supervisor:
 
     def _reaped(self, program: Program, returncode: int) -> None:
         process = program.process
-        _kill_group(process.pid)          # whatever the program left behind goes with it
+        kill_group(process.pid)          # whatever the program left behind goes with it
         for stream in [s for s in self._streams.values() if s.program is program]:
             self.read(stream.fd)
         try:
@@ -392,7 +392,8 @@ class Supervisor:
             self._close(stream)
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group; one that is gone already is fine."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -48,7 +48,6 @@ class StatusWriter(threading.Thread):
         self._db: Database | None = None
         self._failing = False
         self._last_write = False
-        self.writes = 0
 
     def publish(self, status: dict[str, Any]) -> None:
         with self._lock:
@@ -106,5 +105,4 @@ class StatusWriter(threading.Thread):
         if self._failing:
             log.info("status document written again")
         self._failing = False
-        self.writes += 1
         return True
