@@ -30,6 +30,7 @@ class Config:
     feed_heartbeat_seconds: float = 10.0  # the feed is dead after 3 heartbeats of silence
     status_interval_seconds: float = 30.0
     restart_backoff_max_seconds: float = 60.0
+    offline_start_seconds: float = 10.0   # at start, wait this long for the server before the cache
     start_seconds: float = 5.0            # a run this long counts as a good start (resets back-off)
     max_program_bytes: int = 1024 * 1024  # code + modules of one program
     request_timeout_seconds: float = 30.0

@@ -64,6 +64,7 @@ class Daemon:
         self.feed_error: str | None = None
         self._status_dirty = True
         self._pending_seq: Any = None
+        self._offline_start_at: float | None = None   # when to run the last-known code unsynced
         self._generation = 0
         self.follower: Follower | None = None
         self.writer: StatusWriter | None = None
@@ -212,6 +213,7 @@ class Daemon:
         connection they report to changed."""
         self._stop_threads()
         self._setup(config)
+        self._offline_start_at = None          # the reconcile below runs what is known now
         if self.commands and self._commands_key != self._connection_key():
             self.commands.stop()
             self.commands = None
@@ -246,7 +248,12 @@ class Daemon:
         previous = {signum: signal.signal(signum, self._on_signal) for signum in HANDLED_SIGNALS}
         previous_wakeup = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
         try:
-            self._reconcile()          # last-known code runs before any server is reached
+            if self.docs and self.server_url:
+                # The server's current code is usually a moment away: wait for it rather than
+                # run, even briefly, code that was changed while this Pi was off.
+                self._offline_start_at = time.monotonic() + self.config.offline_start_seconds
+            else:
+                self._reconcile()
             self.notifier.ready(self._summary())
             self._start_threads()
             self._loop()
@@ -262,7 +269,7 @@ class Daemon:
         next_deadline: float | None = None
         while True:
             timeout = LOOP_MAX_SLEEP
-            for due in (next_deadline, self.notifier.watchdog_due()):
+            for due in (next_deadline, self.notifier.watchdog_due(), self._offline_start_at):
                 if due is not None:
                     timeout = min(timeout, max(0.0, due - time.monotonic()))
             for key, _ in self.selector.select(timeout):
@@ -272,6 +279,7 @@ class Daemon:
                     key.data.read(key.fd)
             self._handle_signals()
             self._handle_events()
+            self._run_last_known_code_if_due()
             next_deadline = self.supervisor.tick()
             if self.stopping and not self.supervisor.alive():
                 break
@@ -346,7 +354,8 @@ class Daemon:
                 continue
             if isinstance(event, Snapshot):
                 docs = {doc["_id"]: doc for doc in event.docs if documents.is_code_doc(doc, self.macid)}
-                code_changed |= docs != self.docs
+                code_changed |= docs != self.docs or self._offline_start_at is not None
+                self._offline_start_at = None
                 self.docs = docs
                 self._pending_seq = event.seq
                 self._offer_commands(event.docs)
@@ -374,6 +383,14 @@ class Daemon:
             # Only after the code it covers is applied and cached: a replay is harmless, a gap is not.
             self.state.save_seq(self._pending_seq)
             self._pending_seq = None
+
+    def _run_last_known_code_if_due(self) -> None:
+        if self._offline_start_at is None or self.stopping or time.monotonic() < self._offline_start_at:
+            return
+        self._offline_start_at = None
+        log.warning("no answer from the server within %.0f s: running the last-known code",
+                    self.config.offline_start_seconds)
+        self._reconcile()
 
     def _offer_commands(self, docs: list[dict]) -> None:
         if self.commands and not self.stopping:

@@ -97,10 +97,12 @@ def test_resume_from_the_checkpoint_after_a_restart(admin, make_daemon, tmp_path
     daemon.start()
     daemon.wait_log("p: v3")
     daemon.wait_log(f"since {checkpoint['seq']}")
-    # The change seen twice (first read and feed replay) started the new code once. (The cached
-    # v2 starts first, offline-style, and may or may not reach main() before it is replaced.)
+    # The change seen twice (first read and feed replay) started the new code once, and the
+    # cached v2, outdated while the daemon was down, did not run again even for a moment.
     time.sleep(1.0)
     assert daemon.log().count("p: v3") == 1
+    assert daemon.log().count("p: started (pid") == 3     # v1, v2, and v3 after the restart
+    assert "running the last-known code" not in daemon.log()
 
 
 def test_server_killed_and_restarted_while_programs_run(tmp_path):
@@ -152,7 +154,7 @@ def test_a_silent_connection_is_dropped_after_three_heartbeats(admin, make_daemo
 
 def test_offline_start_runs_the_last_known_code(admin, make_daemon, relay, tmp_path):
     admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "p", '    log("cached")')})
-    daemon = make_daemon(server=relay_url(relay))
+    daemon = make_daemon(server=relay_url(relay), offline_start_seconds=2)
     daemon.start()
     wait_for(lambda: starts(tmp_path, "p"), message="the program")
     wait_for(lambda: (daemon.state_dir / "code.json").exists(), message="the code cache")
@@ -162,6 +164,10 @@ def test_offline_start_runs_the_last_known_code(admin, make_daemon, relay, tmp_p
     try:
         daemon.start(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "500000"})
         wait_for(lambda: len(starts(tmp_path, "p")) == 2, message="the program from the cache")
+        # Only once the server has had its chance to answer.
+        log = daemon.log()
+        waited = log.index("no answer from the server within 2 s: running the last-known code")
+        assert log.rindex("p: started p") > waited
         wait_for(lambda: notify.count("READY=1"), message="READY=1 while offline")
         daemon.wait_log("server unreachable")
         pings = notify.count("WATCHDOG=1")

@@ -283,10 +283,10 @@ class TestLifecycle:
         assert printed_password(lines) == story.password, lines
         assert not any(re.search(r"\bnew\b", line, re.IGNORECASE) for line in lines), lines
         wait_for(lambda: story.daemon()["ActiveState"] == "active", 30, message="the daemon after boot")
-        # The last-known code still had the stubborn program: gone once the daemon has synced
-        # and the grace has run out.
+        # The last-known code still had the stubborn program, deleted while the daemon was down:
+        # the server answers before offline_start_seconds, so only the current code runs.
         wait_for(lambda: story.rspby_processes().count("himbeerecouch.child") == 1, 60, interval=0.5,
-                 message="the deleted stubborn program to be stopped")
+                 message="only the current program to run")
 
     def test_upgrade_restarts_once_and_keeps_state(self, story, build, timings):
         wait_for(lambda: story.markers(), 30, message="programs running")

@@ -181,7 +181,7 @@ class TestSdCardImage:
         assert "NEW device credentials" not in guest.console()
         assert (creds["macid"], creds["password"]) == (first["macid"], first["password"])
         guest.wait_console(r"login: *$", BOOT_TIMEOUT, label="login prompt")
-        # Running again, by this boot's daemon (the program from the last-known code, at once).
+        # Running again, by this boot's daemon (the server answers, so its code, not the cache).
         story.wait_running(guest, device, f"code:{device}:hello", not_started=story.first_started)
         story.record(guest)
         TIMINGS["shutdown 2-second-boot"] = guest.poweroff()
