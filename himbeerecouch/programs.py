@@ -84,6 +84,7 @@ class Program:
     last_exit: str | None = None
     since: str = field(default_factory=now_iso)
     started_at: float = 0.0
+    started_with: dict | None = None     # the database settings the running process was given
     deadline: float | None = None        # STOPPING: kill time; BACKOFF: restart time
     stop_reason: str = ""
     next_spec: tuple[ProgramSpec, str] | None = None   # to start once the old process is gone
@@ -165,6 +166,10 @@ class Supervisor:
                 else:
                     self._replace(program, spec, fingerprint)
                     self._begin(program)
+            elif program.state in ALIVE and program.started_with != self.database_settings:
+                # Server, database or credentials changed (SIGHUP): get_database() must follow.
+                program.next_spec = (spec, fingerprint)
+                self._stop(program, "the database settings changed")
 
     def _replace(self, program: Program, spec: ProgramSpec, fingerprint: str) -> None:
         program.spec, program.fingerprint = spec, fingerprint
@@ -215,6 +220,7 @@ class Supervisor:
         program.process = process
         program.starts += 1
         program.started_at = time.monotonic()
+        program.started_with = self.database_settings
         program.killed = False
         program.set_state(State.STARTING)
         for fd, kind, close in ((process.stdout.fileno(), "stdout", process.stdout.close),

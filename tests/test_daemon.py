@@ -242,6 +242,31 @@ def test_sighup_rereads_the_config(admin, make_daemon, tmp_path):
     daemon.wait_log("first: quitting first")
 
 
+def test_sighup_with_new_credentials_restarts_the_programs_with_them(couch, admin, make_daemon, tmp_path):
+    reader = admin.http.put(f"{couch.url}/_users/org.couchdb.user:reader", timeout=10,
+                            json={"name": "reader", "password": "pw2", "roles": [], "type": "user"})
+    assert reader.status_code in (201, 202), reader.text
+    acct = marker_program(tmp_path, "acct", '    log("account", get_acct()[0])')
+    admin.put({"_id": "acct", "type": MACID, "code": acct})
+    admin.put({"_id": "other", "type": MACID, "code": marker_program(tmp_path, "other")})
+    daemon = make_daemon()
+    daemon.start()
+    daemon.wait_log("acct: account admin")
+    wait_for(lambda: starts(tmp_path, "other"), message="the other program")
+    # The same server as another user: the programs' get_database() must use it too.
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("SIGHUP: re-reading")
+    time.sleep(0.5)
+    assert len(starts(tmp_path, "acct")) == 1      # an unchanged configuration restarts nothing
+    daemon.settings["server"] = f"http://reader:pw2@127.0.0.1:{couch.port}"
+    daemon.write_config()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("acct: account reader")
+    daemon.wait_log("acct: stopping: the database settings changed")
+    wait_for(lambda: len(starts(tmp_path, "other")) == 2, message="the other program with the new settings")
+    assert "pw2" not in daemon.log()
+
+
 def test_sigusr1_logs_every_thread_stack(admin, make_daemon):
     daemon = make_daemon()
     daemon.start()
