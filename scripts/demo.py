@@ -41,6 +41,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Run himbeerecouch against a local test server.")
     parser.add_argument("--port", type=int, default=5984)
     parser.add_argument("--macid", type=int, help="MacID to use (default: this machine's)")
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "demo",
+                        help="config and state of the demo's daemon (default: .cache/demo)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -53,7 +55,7 @@ def main() -> int:
     port = args.port
     while not port_free(port):
         port += 1
-    workdir = ROOT / ".cache" / "demo"
+    workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
     server = subprocess.Popen([str(ROOT / "scripts" / "couch-server"), "--port", str(port),
