@@ -23,7 +23,7 @@ setup(
         "requests",
         "sdnotify>=0.3",
     ],
-    extras_require={"test": ["pytest>=7"], "gpio": ["RPi.GPIO"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"], "gpio": ["RPi.GPIO"]},
     entry_points={
         "console_scripts": [
             "himbeerecouch = himbeerecouch.cli:main",
