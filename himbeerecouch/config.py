@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import logging
+import math
+import re
 from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -60,37 +65,233 @@ class Config:
             raise ConfigError(f"cannot read {self.server_file}: {error}") from error
 
 
-def _convert(field: dataclasses.Field, raw: str):
-    kind = field.type
-    if kind in ("int | None",):
-        return int(raw, 0) if raw.strip() else None
-    if kind == "int":
-        return int(raw, 0)
-    if kind == "float":
+# ---------------------------------------------------------------- one check per key
+#
+# Each validator takes the text of a value and returns what it means, or raises ValueError
+# with the reason in words an operator understands. A bad value costs that key only.
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_SECONDS = 365 * 24 * 3600.0     # beyond this, timers and waits overflow (threading.TIMEOUT_MAX)
+MAX_URL_LENGTH = 2048
+MAX_PARALLEL_COMMANDS = 64          # one thread each
+MAX_BOOT_FILE_BYTES = 64 * 1024
+DEFAULT_BOOT_FILE = "/boot/firmware/himbeerecouch.txt"
+_DATABASE_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]{0,237}")   # CouchDB's rule for database names
+
+
+def url_problem(value: str) -> str | None:
+    """Why `value` is not an http(s) URL with a host (None when it is one)."""
+    if not value or len(value) > MAX_URL_LENGTH:
+        return f"not an http(s) URL of at most {MAX_URL_LENGTH} characters"
+    # urlsplit silently drops tabs and newlines; the URL goes into files and logs, so refuse them.
+    if not value.isprintable() or any(ch.isspace() for ch in value):
+        return "a URL has no spaces or control characters"
+    try:
+        parts = urlsplit(value)
+        parts.port                  # raises ValueError for a port out of range or not a number
+    except ValueError as error:
+        return f"not a valid URL ({error})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "not an http:// or https:// URL with a host name"
+    return None
+
+
+def _seconds(raw: str) -> float:
+    try:
         value = float(raw)
-        if value <= 0:
-            raise ValueError("must be greater than 0")
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0 or value > MAX_SECONDS:
+        raise ValueError(f"must be a number of seconds greater than 0 and at most {MAX_SECONDS:.0f}")
+    return value
+
+
+def _integer(raw: str) -> int:
+    text = raw.strip()
+    try:
+        return int(text, 0)         # 0x10 too, as MAC addresses are written
+    except ValueError:
+        pass
+    try:
+        return int(text, 10)        # 08: a leading zero is no reason to refuse
+    except ValueError:
+        raise ValueError("not a whole number") from None
+
+
+def _whole(low: int, high: int | None = None, what: str = "") -> Callable[[str], int]:
+    def check(raw: str) -> int:
+        value = _integer(raw)
+        if value < low or (high is not None and value > high):
+            limit = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {limit}{what}")
         return value
-    if kind == "Path":
-        return Path(raw)
-    return raw.strip()
+    return check
 
 
-def _values(items, path, strict: bool) -> dict:
+def _optional(check: Callable[[str], object]) -> Callable[[str], object]:
+    """Empty means none."""
+    return lambda raw: None if not raw.strip() else check(raw)
+
+
+def _choice(*allowed: str, upper: bool = False) -> Callable[[str], str]:
+    def check(raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+    return check
+
+
+def _absolute_path(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith("/") or not value.isprintable():
+        raise ValueError("must be an absolute path (starting with /)")
+    return value
+
+
+def _optional_path(raw: str) -> str:
+    return _absolute_path(raw) if raw.strip() else ""
+
+
+def _server(raw: str) -> str:
+    value = raw.strip()
+    problem = url_problem(value) if value else None
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _database(raw: str) -> str:
+    value = raw.strip()
+    if not _DATABASE_NAME.fullmatch(value):
+        raise ValueError("a CouchDB database name: lower case letters, digits and _$()+-/, "
+                         "starting with a letter")
+    return value
+
+
+def _interface(raw: str) -> str:
+    value = raw.strip()
+    if not 0 < len(value) < 16 or not value.isprintable() or any(ch.isspace() or ch == "/" for ch in value) \
+            or value in (".", ".."):
+        raise ValueError("a network interface name such as eth0 or wlan0 (at most 15 characters)")
+    return value
+
+
+def _address(raw: str) -> str:
+    value = raw.strip()
+    if value:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError("an IPv4 address such as 192.168.1.5, or empty for all") from None
+    return value
+
+
+VALIDATORS: dict[str, Callable[[str], object]] = {
+    "server": _server,
+    "database": _database,
+    "interface": _interface,
+    "interface_wait_seconds": _seconds,
+    "macid": _optional(_whole(0, 2 ** 48 - 1, " (a MAC address has 48 bits)")),
+    "state_dir": lambda raw: Path(_absolute_path(raw)),
+    "grace_seconds": _seconds,
+    "ca_file": _optional_path,
+    "password_scheme": _choice("random", "legacy"),
+    "feed_heartbeat_seconds": _seconds,
+    "status_interval_seconds": _seconds,
+    "restart_backoff_max_seconds": _seconds,
+    "offline_start_seconds": _seconds,
+    "start_seconds": _seconds,
+    "max_program_bytes": _whole(1),
+    "request_timeout_seconds": _seconds,
+    "command_timeout_seconds": _seconds,
+    "command_output_cap_bytes": _whole(1),
+    "max_parallel_commands": _whole(1, MAX_PARALLEL_COMMANDS),
+    "provisioning": _choice("auto", "open", "off"),
+    "discovery_address": _address,
+    "discovery_port": _whole(1, 65535),
+    "led_pin": _optional(_whole(0, 27, " (a BCM GPIO number)")),
+    "log_level": _choice(*LOG_LEVELS, upper=True),
+    "boot_config": _optional_path,
+}
+
+
+def _shown(key: str, raw: str) -> str:
+    """The value as it may appear in a log line: short, and never with a password."""
+    if key == "server" and "@" in raw:
+        raw = "...@" + raw.rsplit("@", 1)[1]
+    return repr(raw if len(raw) <= 80 else raw[:80] + "...")
+
+
+def _display(value: object) -> str:
+    return "(none)" if value is None or value == "" else repr(str(value) if isinstance(value, Path) else value)
+
+
+def _apply(values: dict, origins: dict, items, path, *, boot: bool) -> None:
+    """Check `items` (key, text) from `path`; good values go into `values`, bad ones are logged
+    with what is used instead (the value from an earlier source, else the default)."""
     fields = {field.name: field for field in dataclasses.fields(Config)}
-    values = {}
     for key, raw in items:
-        if key not in fields or (not strict and key == "boot_config"):
+        if key not in fields:
             # A newer config on an older daemon must not take the Pi offline.
-            log.warning("ignoring unknown key %r in %s", key, path)
+            log.warning("%s: ignoring unknown key %r", path, key)
+            continue
+        if boot and key == "boot_config":
+            log.warning("%s: ignoring boot_config: only the config file can name the boot file", path)
             continue
         try:
-            values[key] = _convert(fields[key], raw)
+            values[key] = VALIDATORS[key](raw)
+            origins[key] = path
         except ValueError as error:
-            if strict:
-                raise ConfigError(f"bad value for {key!r} in {path}: {raw!r} ({error})") from error
-            log.error("ignoring %s = %r in %s: %s", key, raw, path, error)
-    return values
+            if key in origins:
+                instead = f"{_display(values[key])} from {origins[key]}"
+            else:
+                instead = f"the default {_display(fields[key].default)}"
+            log.error("%s: ignoring %s = %s: %s; using %s", path, key, _shown(key, raw), error, instead)
+
+
+def _boot_items(path: Path) -> list[tuple[str, str]]:
+    """`key = value` lines; every line that is not one is logged and skipped on its own."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_BOOT_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        log.error("%s: cannot read the boot file, ignoring it: %s", path, error)
+        return []
+    if len(data) > MAX_BOOT_FILE_BYTES:
+        log.error("%s: longer than %d bytes, reading only the beginning", path, MAX_BOOT_FILE_BYTES)
+        data = data[:MAX_BOOT_FILE_BYTES]
+    if data.startswith(b"\xef\xbb\xbf"):           # editors on other systems add a BOM
+        data = data[3:]
+    items = []
+    section = SECTION
+    for number, line in enumerate(data.splitlines(), 1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            log.error("%s: line %d is not UTF-8 text, ignoring it", path, number)
+            continue
+        if not text or text[0] in "#;":
+            continue
+        if text.startswith("[") and text.endswith("]") and len(text) > 2:
+            section = text[1:-1].strip()
+            continue
+        key, equals, value = text.partition("=")
+        colon_key, colon, colon_value = text.partition(":")
+        if colon and (not equals or len(colon_key) < len(key)):
+            key, value = colon_key, colon_value
+        elif not equals:
+            key = ""
+        key = key.strip().lower()
+        if not key:
+            log.error("%s: line %d is not `key = value`, ignoring it: %s", path, number,
+                      repr(text if len(text) <= 80 else text[:80] + "..."))
+            continue
+        if section == SECTION:
+            items.append((key, value.strip()))
+    return items
 
 
 def read_boot_file(path: Path) -> dict:
@@ -99,46 +300,40 @@ def read_boot_file(path: Path) -> dict:
     `key = value` lines, with or without a [himbeerecouch] header. Read at every start: a
     mistake there is logged and skipped, never a reason for the Pi to stay offline.
     """
-    try:
-        text = path.read_text(encoding="utf-8-sig")        # editors on other systems add a BOM
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError) as error:
-        log.error("ignoring %s: %s", path, error)
-        return {}
+    values: dict = {}
+    _apply(values, {}, _boot_items(Path(path)), path, boot=True)
+    return values
+
+
+def _conffile_items(path) -> list[tuple[str, str]]:
     parser = configparser.ConfigParser(interpolation=None)
     try:
-        parser.read_string(text if text.lstrip().startswith("[") else f"[{SECTION}]\n{text}", str(path))
-    except configparser.Error as error:
-        log.error("ignoring %s: not `key = value` lines: %s", path, error)
-        return {}
-    if not parser.has_section(SECTION):
-        return {}
-    return _values(parser.items(SECTION), path, strict=False)
+        with open(path, encoding="utf-8-sig") as stream:
+            parser.read_file(stream)
+    except FileNotFoundError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+    except (OSError, UnicodeDecodeError, configparser.Error) as error:
+        # An unreachable Pi must still come up, so that it can be mended remotely.
+        log.error("%s: cannot use the config file (%s); going on with the defaults and the boot file",
+                  path, error)
+        return []
+    return parser.items(SECTION) if parser.has_section(SECTION) else []
 
 
 def load(path: str | Path | None = None) -> Config:
-    """Read the config file (a missing default file means all defaults), then the boot file."""
-    parser = configparser.ConfigParser(interpolation=None)
+    """Read the config file, then the boot file; never fails on a bad value.
+
+    A bad value in the boot file is logged and the config file's value is used; a bad value in
+    the config file is logged and the default is used. Only an explicitly named config file that
+    does not exist is an error (a typo at a terminal).
+    """
     if path is None and DEFAULT_PATH.exists():
         path = DEFAULT_PATH
+    values: dict = {}
+    origins: dict = {}
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as stream:
-                parser.read_file(stream)
-        except OSError as error:
-            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
-        except configparser.Error as error:
-            raise ConfigError(f"config file {path} is not valid INI: {error}") from error
-    values = _values(parser.items(SECTION), path, strict=True) if parser.has_section(SECTION) else {}
-    boot_config = values.get("boot_config", Config.boot_config)
+        _apply(values, origins, _conffile_items(path), path, boot=False)
+    boot_config = values.get("boot_config", DEFAULT_BOOT_FILE)
     if boot_config:
-        values.update(read_boot_file(Path(boot_config)))
-    config = Config(**values)
-    if config.max_parallel_commands < 1 or config.command_output_cap_bytes < 1:
-        raise ConfigError("max_parallel_commands and command_output_cap_bytes must be at least 1")
-    if config.provisioning not in ("auto", "open", "off"):
-        raise ConfigError(f"provisioning must be 'auto', 'open' or 'off', not {config.provisioning!r}")
-    if config.password_scheme not in ("random", "legacy"):
-        raise ConfigError(f"password_scheme must be 'random' or 'legacy', not {config.password_scheme!r}")
-    return config
+        _apply(values, origins, _boot_items(Path(boot_config)), boot_config, boot=True)
+    return Config(**values)
