@@ -25,14 +25,21 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import logsetup
     from .daemon import Daemon
+    # Logging first: what is wrong in the configuration is logged, not a reason to stop.
+    logsetup.setup(args.log_level or "INFO")
     config = load(args.config)
-    logsetup.setup(args.log_level or config.log_level)
+    logsetup.set_level(args.log_level or config.log_level)
     log.info("himbeerecouch %s starting", __version__)
     return Daemon(config, args.config).run()
 
 
 def cmd_broadcast(args: argparse.Namespace) -> int:
-    from .discovery import broadcast_message
+    from .discovery import broadcast_message, has_userinfo
+    if has_userinfo(args.url):
+        print("himbeerecouch broadcast: the URL carries user:password@, which Pis refuse (it would go "
+              "over the LAN in the clear); give the URL alone: each Pi logs in with its own "
+              "credentials (himbeerecouch-creds)", file=sys.stderr)
+        return 2
     print(f"asking unprovisioned Pis on {args.address}:{args.port} for {args.timeout:g} s ...", file=sys.stderr)
     try:
         replies = broadcast_message(args.url, timeout=args.timeout, address=args.address, port=args.port)
@@ -60,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon in the foreground",
                               description="Run the daemon in the foreground (what the systemd unit runs).")
     _add_config(run)
-    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                      help="override log_level of the config file")
     run.set_defaults(func=cmd_run)
     broadcast = commands.add_parser(
@@ -108,6 +115,9 @@ def creds_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--issue-file", default=str(ISSUE_FILE), metavar="PATH",
                         help=f"login prompt snippet written by --firstboot (default {ISSUE_FILE})")
     args = parser.parse_args(argv)
+    # Mistakes in the configuration go to stderr (the journal under the first-boot unit), and
+    # the credentials are shown all the same.
+    logging.basicConfig(level=logging.WARNING, format="himbeerecouch-creds: %(message)s")
     try:
         config = load(args.config)
         create = args.firstboot or credentials.can_create(config)

@@ -33,7 +33,12 @@ def setup(level: str = "INFO", stream=None) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    set_level(level)
     # The HTTP client's own chatter is not the daemon's story.
     for noisy in ("urllib3", "pycouchdb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def set_level(level: str) -> None:
+    """Apply a log level (at start, and again when the configuration is re-read)."""
+    logging.getLogger().setLevel(level.upper())
