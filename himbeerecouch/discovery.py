@@ -25,13 +25,14 @@ import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
+
+from .config import MAX_URL_LENGTH, url_problem
 
 log = logging.getLogger(__name__)
 
 DISCOVERY_PORT = 53000
 MAX_REQUEST_BYTES = 4096
-MAX_URL_LENGTH = 2048
 BLINK_INTERVAL = 0.4
 # Datagrams read per wake-up: the loop gets back to the LED and to stop() even during a flood.
 _READS_PER_WAKEUP = 64
@@ -52,8 +53,13 @@ def broadcast_message(server_name: str, send_data: dict | None = None, timeout: 
     Waits ``timeout`` seconds in total and returns ``{(ip, port): reply}`` for
     every reply that is a JSON object (a later reply from the same address
     replaces an earlier one). Other replies are ignored. Errors sending the
-    request (no route, no network) are raised as OSError.
+    request (no route, no network) are raised as OSError; a URL with `user:password@` is
+    refused with ValueError.
     """
+    if has_userinfo(server_name):
+        # Pis refuse it, and it would cross the LAN in the clear.
+        raise ValueError(f"the server URL {_redact(server_name)} carries user:password@: give the URL "
+                         "alone, each Pi logs in with its own credentials")
     message = dict(send_data or {})
     message["server"] = server_name
     payload = json.dumps(message).encode("utf-8")
@@ -160,17 +166,27 @@ class GpioLed:
 
 def valid_server_url(value: object) -> bool:
     """True for an http(s) URL with a host, at most MAX_URL_LENGTH characters."""
-    if not isinstance(value, str) or not value or len(value) > MAX_URL_LENGTH:
-        return False
-    # urlsplit silently drops tabs and newlines; the URL goes into a state file, so refuse them.
-    if not value.isprintable() or any(ch.isspace() for ch in value):
-        return False
+    return isinstance(value, str) and url_problem(value) is None
+
+
+def has_userinfo(url: str) -> bool:
+    """Whether the URL carries `user:password@` (or a user name alone)."""
     try:
-        parts = urlsplit(value)
-        parts.port  # raises ValueError for a port out of range or not a number
+        return "@" in urlsplit(url).netloc
     except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+        return "@" in url
+
+
+def _redact(url: str) -> str:
+    """The URL as it may appear in a log line: scheme, host, port and path only (as couch.redact)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "(not a URL)"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class _TokenBucket:
@@ -358,7 +374,8 @@ class ProvisioningListener(threading.Thread):
         if not isinstance(url, str):
             self.dropped += 1
             self._log_throttled(sender[0], "discovery: dropped a datagram from %s:%d: %s",
-                                sender[0], sender[1], url[0])
+                                sender[0], sender[1], url[0],
+                                level=logging.WARNING if url[0].startswith("refused") else logging.INFO)
             return
         self.requests += 1
         if not self._bucket.take():
@@ -382,7 +399,7 @@ class ProvisioningListener(threading.Thread):
             self._log_throttled(sender[0], "discovery: cannot answer %s:%d: %s",
                                 sender[0], sender[1], error)
         if url != self._last_url:
-            log.info("discovery: %s:%d offered server %s", sender[0], sender[1], url)
+            log.info("discovery: %s:%d offered server %s", sender[0], sender[1], _redact(url))
             try:
                 self._on_server(url)
             except Exception:
@@ -408,6 +425,10 @@ class ProvisioningListener(threading.Thread):
             return ("no 'server'",)
         if not valid_server_url(message["server"]):
             return ("'server' is not an http(s) URL",)
+        if has_userinfo(message["server"]):
+            # It would replace this Pi's own credentials, and land in the state dir and the logs.
+            return (f"refused server {_redact(message['server'])}: it carries user:password@ "
+                    "(broadcast the URL alone; this Pi logs in with its own credentials)",)
         return message["server"]
 
     def _log_throttled(self, key: str, message: str, *args: object, level: int = logging.INFO,

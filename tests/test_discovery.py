@@ -13,7 +13,7 @@ import pytest
 from himbeerecouch import discovery
 from himbeerecouch.discovery import GpioLed, ProvisioningListener, broadcast_message
 
-URL = "http://admin:pw@couch.example:5984/"
+URL = "http://couch.example:5984/"
 
 
 class FakeLed:
@@ -370,3 +370,39 @@ def test_led_pin_none_disables_the_led(make_listener):
 ])
 def test_valid_server_url(url, ok):
     assert discovery.valid_server_url(url) is ok
+
+
+@pytest.mark.parametrize("url", ["http://admin:hunter2@couch.example:5984/", "https://admin@couch.example/db",
+                                 "http://:hunter2@couch.example/"])
+def test_a_server_url_with_user_info_is_refused_and_its_password_never_logged(make_listener, caplog, url):
+    # It would replace the Pi's own credentials and end up in the state dir and the logs.
+    caplog.set_level("DEBUG", logger="himbeerecouch.discovery")
+    recorder = Recorder()
+    listener = make_listener(on_server=recorder)
+    assert ask(listener.port, request(url), timeout=0.3) is None
+    assert ask(listener.port, request(URL)) == {"MacID": 123, "password": "pw"}
+    assert recorder.wait_for(1) == [URL]
+    assert (listener.dropped, listener.requests) == (1, 1)
+    refused = [r for r in caplog.records if "user:password@" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelname == "WARNING"
+    assert "couch.example" in refused[0].getMessage()
+    assert "hunter2" not in caplog.text and "admin" not in caplog.text
+
+
+def test_the_offered_server_is_logged_without_its_query(make_listener, caplog):
+    caplog.set_level("INFO", logger="himbeerecouch.discovery")
+    listener = make_listener()
+    assert ask(listener.port, request("http://couch.example:5984/?token=s3cret")) is not None
+    listener._on_server.wait_for(1)
+    assert "offered server http://couch.example:5984/" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_broadcast_refuses_a_url_with_user_info():
+    with client() as silent:
+        with pytest.raises(ValueError, match="user:password@") as refused:
+            broadcast_message("http://admin:hunter2@couch.example:5984", timeout=0.1, address="127.0.0.1",
+                              port=silent.getsockname()[1])
+        assert "hunter2" not in str(refused.value)
+        silent.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            silent.recv(65535)
