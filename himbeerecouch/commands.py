@@ -4,9 +4,15 @@ At most once, across reconnects, duplicate notifications and crashes:
 1. a command is *claimed* by writing `claimed` into its document with the `_rev` we saw; a
    conflict means someone changed it meanwhile: re-read and decide again;
 2. a ledger in the state dir records each claimed command: claimed -> started -> finished
-   (with its result, until the result is on the server);
+   (with its result, until the result is on the server). The "claimed" record is on disk
+   (fsynced) before the claim is written, the "started" record before the command starts; when
+   either cannot be written the command is not run and its document says so (final: see
+   `not_run_result`);
 3. a document found claimed, without `ret`, that the ledger does not show as never started
    (the daemon died while it ran) is marked `"error": "interrupted"` and is not run again.
+   The "started" record names the command's process group and a token in its environment, so
+   a daemon that restarts after a crash first kills what is left of it, then reports what it
+   found (still running and killed, or ended; the output is lost either way).
 A document that has `ret` is never run.
 
 Claims happen on one thread, runs on `max_parallel` worker threads, so a long command delays
@@ -22,7 +28,9 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from .couch import CONNECTION_ERRORS, Conflict, Database, describe_error
@@ -33,6 +41,9 @@ log = logging.getLogger(__name__)
 
 CLAIMED, STARTED, FINISHED = "claimed", "started", "finished"
 INTERRUPTED_REASON = "interrupted: the daemon stopped while the command ran; it is not run again"
+# Each run's token, in the command's environment: finds its processes after a daemon crash,
+# even those that left its process group.
+COMMAND_ENV = "HIMBEERECOUCH_COMMAND"
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,125 @@ def invalid_reason(doc: dict) -> str | None:
     return None
 
 
+def decide(doc: dict, entry: dict | None) -> str:
+    """What to do with a command document, given this Pi's ledger entry for it (or None).
+
+    "drop": it has a result; "report": our result is not written yet; "claim": nobody has it;
+    "run": we claimed it and never started it; "interrupted": claimed, and we may have started
+    it (or lost the record): it is not run again.
+    """
+    state = entry.get("state") if entry else None
+    if "ret" in doc:
+        return "drop"
+    if state == FINISHED:
+        return "report"
+    if "claimed" not in doc:
+        return "claim"
+    if state == CLAIMED:
+        return "run"
+    return "interrupted"
+
+
+def not_run_result(error: "LedgerError") -> dict[str, Any]:
+    """The result of a command whose claim or start could not be recorded in the state dir.
+
+    Final (it has `ret`), not retried later: a command is a one-off request, running it hours
+    later once someone has fixed the card would surprise; the sender gets an answer now instead
+    of waiting; and a document with `ret` is never run, which keeps at most once simple.
+    """
+    return {"ret": [None, f"not run: the daemon cannot record this command in its state dir ({error}); "
+                          "a command starts only once that record is on disk, so that no restart can "
+                          "run it twice. Free or repair the state dir, then send the command again."],
+            "returncode": None, "finished": now_iso("milliseconds"),
+            "error": f"not run: cannot write the state dir ({error.reason})"}
+
+
+def interrupted_result(entry: dict, what: str) -> dict[str, Any]:
+    """The report of a command that a dead daemon started; `what` says what became of it."""
+    result = {"ret": [None, f"interrupted: the daemon stopped while the command ran; {what}; "
+                            "its output is lost; it is not run again"],
+              "returncode": None, "finished": now_iso("milliseconds"), "error": "interrupted"}
+    if isinstance(entry.get("started"), str):
+        result["started"] = entry["started"]
+    return result
+
+
+# ---- processes of a command started by a daemon that died -------------------------------------
+
+def boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (which may hold spaces and parentheses)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_ticks(pid: int) -> int | None:
+    """When the process started (clock ticks since boot): tells a pid from its reuse."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None           # field 22 of stat(5)
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")  # a zombie has ended
+
+
+def _pids_with_token(token: str) -> list[int]:
+    """Live processes whose environment carries this run's token (the command and whatever it
+    started, wherever they went). Other users' processes cannot be read and cannot be ours."""
+    needle = f"{COMMAND_ENV}={token}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(name))
+    return found
+
+
+def end_leftovers(entry: dict) -> str:
+    """Kill what is left of a command that a dead daemon started; say what was found."""
+    recorded = entry.get("boot")
+    if recorded and boot_id() and recorded != boot_id():
+        return "the Pi restarted since, which ended it"
+    killed = False
+    pgid, ticks = entry.get("pgid"), entry.get("start_ticks")
+    if isinstance(pgid, int) and pgid > 1 and ticks is not None and start_ticks(pgid) == ticks \
+            and _alive(pgid):
+        kill_group(pgid)                                 # the group's leader is still ours
+        killed = True
+    token = entry.get("token")
+    for _ in range(20):                                  # until no fork slips through
+        pids = [pid for pid in _pids_with_token(token) if _alive(pid)] if token else []
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        killed = True
+        time.sleep(0.02)
+    where = f" (process group {pgid})" if isinstance(pgid, int) else ""
+    if killed:
+        return f"it was still running{where} and was killed"
+    if isinstance(pgid, int):
+        return f"it had ended{where}"
+    return "it did not start or had ended"
+
+
 def _decode(data: bytes, dropped: int, cap: int) -> str:
     text = data.decode("utf-8", errors="replace")
     if dropped:
@@ -72,12 +202,15 @@ def _decode(data: bytes, dropped: int, cap: int) -> str:
 
 
 def run_command(argv: list[str], timeout: float, limits: Limits,
-                on_start: Callable[[subprocess.Popen], None] = lambda process: None) -> dict[str, Any]:
-    """Run argv (no shell) with a timeout and capped output; the result fields of the document."""
+                on_start: Callable[[subprocess.Popen], None] = lambda process: None,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run argv (no shell) with a timeout and capped output; the result fields of the document.
+    `env` is added to the daemon's environment."""
     started = now_iso("milliseconds")
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, cwd=limits.workdir, env=child_environment(),
+                                   stderr=subprocess.PIPE, cwd=limits.workdir,
+                                   env={**child_environment(), **(env or {})},
                                    start_new_session=True)   # its own group: killed as a whole
     except (OSError, ValueError) as error:
         # The original's shape for a command that cannot start: [null, repr(error)].
@@ -121,6 +254,14 @@ def run_command(argv: list[str], timeout: float, limits: Limits,
     return result
 
 
+class LedgerError(Exception):
+    """A ledger record could not be written to the state dir (full, read-only, failing)."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        self.reason = error.strerror or str(error)
+        super().__init__(f"{path}: {self.reason}")
+
+
 class Ledger:
     """The commands this Pi has claimed and not yet reported, kept in the state dir."""
 
@@ -134,19 +275,43 @@ class Ledger:
             entry = self._entries.get(doc_id)
             return dict(entry) if entry else None
 
-    def set(self, doc_id: str, **entry: Any) -> None:
+    def set(self, doc_id: str, entry: dict, durable: bool = True) -> bool:
+        """Record `entry`. durable: on disk or LedgerError, and then memory keeps the old entry
+        (what the disk says). Otherwise (results, pids) a failed write is logged, memory keeps
+        the new entry and the next write that succeeds stores it; returns whether it is on disk."""
         with self._lock:
+            previous = self._entries.get(doc_id)
             self._entries[doc_id] = entry
-            self._state.save_ledger(self._entries)
+            try:
+                self._state.save_ledger(self._entries)
+                return True
+            except OSError as error:
+                failure = LedgerError(self._state.path / self._state.LEDGER, error)
+                if durable:
+                    if previous is None:
+                        del self._entries[doc_id]
+                    else:
+                        self._entries[doc_id] = previous
+                    raise failure from error
+                log.error("cannot write the command ledger: %s", failure)
+                return False
 
     def drop(self, doc_id: str) -> None:
+        """Forget a reported command; if the disk refuses, its record says "reported or started"
+        there, which never leads to a run."""
         with self._lock:
             if self._entries.pop(doc_id, None) is not None:
-                self._state.save_ledger(self._entries)
+                try:
+                    self._state.save_ledger(self._entries)
+                except OSError as error:
+                    log.error("cannot write the command ledger: %s", error)
+
+    def with_state(self, state: str) -> list[str]:
+        with self._lock:
+            return [doc_id for doc_id, entry in self._entries.items() if entry.get("state") == state]
 
     def finished(self) -> list[str]:
-        with self._lock:
-            return [doc_id for doc_id, entry in self._entries.items() if entry.get("state") == FINISHED]
+        return self.with_state(FINISHED)
 
 
 class CommandRunner:
@@ -202,6 +367,7 @@ class CommandRunner:
         return self.db
 
     def _claim_loop(self) -> None:
+        self._recover()                                 # before any report or run
         while True:
             doc = self._claims.get()
             if doc is None or self._stopping.is_set():
@@ -215,6 +381,19 @@ class CommandRunner:
             except Exception:
                 log.exception("command %s: unexpected failure", doc.get("_id"))
 
+    def _recover(self) -> None:
+        """Commands a dead daemon started: kill what is left of them, keep the report to write."""
+        for doc_id in self.ledger.with_state(STARTED):
+            entry = self.ledger.get(doc_id) or {}
+            try:
+                what = end_leftovers(entry)
+            except Exception:                           # /proc unreadable: still report it
+                log.exception("command %s: cannot look for its processes", doc_id)
+                what = "its processes could not be checked"
+            log.warning("command %s was running when the daemon stopped: %s", doc_id, what)
+            self.ledger.set(doc_id, {"state": FINISHED, "result": interrupted_result(entry, what)},
+                            durable=False)
+
     def _decide(self, doc: dict, attempts: int = 5) -> None:
         doc_id = doc["_id"]
         with self._lock:
@@ -227,17 +406,16 @@ class CommandRunner:
                     self.ledger.drop(doc_id)
                     return
             entry = self.ledger.get(doc_id)
-            if "ret" in doc:
-                self.ledger.drop(doc_id)                # done, by us or anyone: never run again
-                return
-            if entry and entry.get("state") == FINISHED:
-                if self._report(doc, entry["result"]):
-                    self.ledger.drop(doc_id)
-                return
+            action = decide(doc, entry)
             try:
-                if "claimed" not in doc:
+                if action == "drop":
+                    self.ledger.drop(doc_id)            # done, by us or anyone: never run again
+                elif action == "report":
+                    if self._report(doc, entry["result"]):
+                        self.ledger.drop(doc_id)
+                elif action == "claim":
                     self._claim(doc)
-                elif entry and entry.get("state") == CLAIMED:
+                elif action == "run":
                     self._queue(doc)                    # claimed before a crash, never started
                 else:
                     log.warning("command %s was claimed but never finished: marking it interrupted", doc_id)
@@ -256,7 +434,12 @@ class CommandRunner:
             self._write_result(doc, {"ret": [None, reason], "returncode": None,
                                      "finished": now_iso("milliseconds"), "error": "invalid"})
             return
-        self.ledger.set(doc["_id"], state=CLAIMED)
+        try:
+            self.ledger.set(doc["_id"], {"state": CLAIMED})
+        except LedgerError as error:
+            log.error("command %s not run: cannot record its claim: %s", doc["_id"], error)
+            self._write_result(doc, not_run_result(error))
+            return
         try:
             claimed = self._database().put({**doc, "claimed": now_iso("milliseconds")})
         except BaseException:
@@ -284,15 +467,8 @@ class CommandRunner:
             try:
                 if self._stopping.is_set():
                     continue                            # claimed, not started: run at next start
-                self.ledger.set(doc_id, state=STARTED)
-                timeout = doc.get("timeout") or self.limits.timeout
-                log.info("command %s: running %s", doc_id, doc["cmd"])
-                result = run_command(doc["cmd"], timeout, self.limits,
-                                     on_start=lambda process: self._track(doc_id, process))
-                if self._stopping.is_set() and result.get("returncode", 0) == -signal.SIGKILL:
-                    result["error"] = "interrupted"
-                    result["ret"][1] += f"\n[{INTERRUPTED_REASON}]"
-                self.ledger.set(doc_id, state=FINISHED, result=result)
+                result = self._run(doc)
+                self.ledger.set(doc_id, {"state": FINISHED, "result": result}, durable=False)
                 log.info("command %s: return code %s%s", doc_id, result["returncode"],
                          f" ({result['error']})" if "error" in result else "")
                 db = db or self._connect()
@@ -308,6 +484,31 @@ class CommandRunner:
                 with self._lock:
                     self._active.discard(doc_id)
                     self._processes.pop(doc_id, None)
+
+    def _run(self, doc: dict) -> dict[str, Any]:
+        """Record the start durably, then run; the result fields of the document."""
+        doc_id = doc["_id"]
+        token = uuid.uuid4().hex
+        record = {"state": STARTED, "token": token, "boot": boot_id(), "started": now_iso("milliseconds")}
+        try:
+            self.ledger.set(doc_id, record)
+        except LedgerError as error:
+            log.error("command %s not run: cannot record its start: %s", doc_id, error)
+            return not_run_result(error)
+
+        def on_start(process: subprocess.Popen) -> None:
+            self._track(doc_id, process)
+            # Best effort: if this is lost, the token still finds the processes after a crash.
+            self.ledger.set(doc_id, {**record, "pid": process.pid, "pgid": process.pid,
+                                     "start_ticks": start_ticks(process.pid)}, durable=False)
+
+        timeout = doc.get("timeout") or self.limits.timeout
+        log.info("command %s: running %s", doc_id, doc["cmd"])
+        result = run_command(doc["cmd"], timeout, self.limits, on_start=on_start, env={COMMAND_ENV: token})
+        if self._stopping.is_set() and result.get("returncode", 0) == -signal.SIGKILL:
+            result["error"] = "interrupted"
+            result["ret"][1] += f"\n[{INTERRUPTED_REASON}]"
+        return result
 
     def _track(self, doc_id: str, process: subprocess.Popen) -> None:
         with self._lock:

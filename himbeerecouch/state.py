@@ -5,18 +5,27 @@
 - commands.json: the ledger of claimed commands (see commands.py).
 Both belong to one (server, database, MacID): after a change of any of them, or on a card
 cloned into another Pi, they are ignored rather than applied to the wrong device.
-Every write is atomic (temp file, fsync, rename), so a power cut leaves the old or the new file.
+Every write is atomic (temp file, fsync, rename), so a power cut leaves the old or the new file;
+a writer killed before the rename leaves its temp file, which the next start removes.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# write_atomic's temp files: ".<name>.<8 random characters>.tmp" (tempfile.mkstemp).
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+# A temp file last written before this process began belongs to a writer that died, not to one
+# of this daemon's threads (SIGHUP prepares the dir again while they may be writing).
+PROCESS_STARTED = time.time()
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -55,6 +64,23 @@ class StateDir:
 
     def prepare(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temp_files()
+
+    def remove_stale_temp_files(self) -> list[str]:
+        """Remove temp files of writers killed before their rename: each crash would otherwise
+        leave one more on a card that may be failing already."""
+        removed = []
+        for entry in os.scandir(self.path):
+            try:
+                if (TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False)
+                        and entry.stat(follow_symlinks=False).st_mtime < PROCESS_STARTED):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except OSError as error:          # gone meanwhile, or a read-only card: not fatal
+                log.debug("cannot remove %s: %s", entry.path, error)
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted write in %s", len(removed), self.path)
+        return removed
 
     def _read(self, name: str) -> dict | None:
         file = self.path / name
@@ -71,10 +97,14 @@ class StateDir:
             return None
         return content
 
+    def _store(self, name: str, content: dict) -> None:
+        """Write durably (fsynced) or raise OSError."""
+        write_atomic(self.path / name, json.dumps({"owner": self.owner, **content}).encode())
+
     def _write(self, name: str, content: dict) -> bool:
         """Write; a full or read-only disk is logged and survived (the server still has it all)."""
         try:
-            write_atomic(self.path / name, json.dumps({"owner": self.owner, **content}).encode())
+            self._store(name, content)
             return True
         except OSError as error:
             log.error("cannot write %s: %s", self.path / name, error)
@@ -100,5 +130,6 @@ class StateDir:
         entries = content.get("commands") if content else None
         return entries if isinstance(entries, dict) else {}
 
-    def save_ledger(self, entries: dict[str, dict]) -> bool:
-        return self._write(self.LEDGER, {"commands": entries})
+    def save_ledger(self, entries: dict[str, dict]) -> None:
+        """Raises OSError: at most once depends on these records, so the caller must know."""
+        self._store(self.LEDGER, {"commands": entries})

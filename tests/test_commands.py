@@ -22,6 +22,15 @@ def result(admin, doc_id, timeout=15.0):
                     timeout, message=f"the result of {doc_id}: {admin.get(doc_id)}")
 
 
+def ended(pid: int) -> bool:
+    """No such process, or a zombie that its new parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def test_a_command_runs_once_and_its_output_is_written_back(couch, admin, device):
     daemon = device()
     daemon.start()
@@ -93,16 +102,17 @@ def test_a_command_interrupted_by_a_crash_is_not_run_again(admin, device, tmp_pa
     daemon = device()
     daemon.start()
     runs = tmp_path / "runs"
-    admin.put({"_id": "long", "type": CMD, "cmd": ["sh", "-c", f"echo run >> {runs}; exec sleep 60"]})
-    wait_for(lambda: runs.exists(), message="the command to start")
-    daemon.process.kill()                       # no goodbye: as a power cut would
+    admin.put({"_id": "long", "type": CMD, "cmd": ["sh", "-c", f"echo $$ >> {runs}; exec sleep 60"]})
+    wait_for(lambda: runs.exists() and runs.read_text().endswith("\n"), message="the command to start")
+    daemon.process.kill()                       # no goodbye, as a crash; no systemd to end the group
     daemon.process.wait()
-    os.system("pkill -f 'sleep 60'")            # systemd would kill the unit's whole cgroup
     daemon.start()
     doc = result(admin, "long")
     assert doc["error"] == "interrupted" and doc["ret"][0] is None and "not run again" in doc["ret"][1]
+    assert "was still running" in doc["ret"][1] and "was killed" in doc["ret"][1]
+    assert ended(int(runs.read_text())), "the leftover command still runs"
     time.sleep(1)
-    assert runs.read_text() == "run\n"
+    assert len(runs.read_text().splitlines()) == 1
 
 
 def test_duplicate_deliveries_run_a_command_once(admin, device, tmp_path):
