@@ -71,6 +71,7 @@ class Config:
 # with the reason in words an operator understands. A bad value costs that key only.
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MIN_SECONDS = 0.01                  # shorter would spin: a loop turn, a request, a status write
 MAX_SECONDS = 365 * 24 * 3600.0     # beyond this, timers and waits overflow (threading.TIMEOUT_MAX)
 MAX_URL_LENGTH = 2048
 MAX_PARALLEL_COMMANDS = 64          # one thread each
@@ -101,8 +102,8 @@ def _seconds(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError("not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0 or value > MAX_SECONDS:
-        raise ValueError(f"must be a number of seconds greater than 0 and at most {MAX_SECONDS:.0f}")
+    if not math.isfinite(value) or not MIN_SECONDS <= value <= MAX_SECONDS:
+        raise ValueError(f"must be a number of seconds from {MIN_SECONDS:g} to {MAX_SECONDS:.0f} (a year)")
     return value
 
 

@@ -39,7 +39,7 @@ GOOD = {
     "boot_config": ("/boot/other.txt", "/boot/other.txt"),
 }
 
-DURATION_BAD = ["", "soon", "0", "-1", "nan", "inf", "-inf", "1e300"]
+DURATION_BAD = ["", "soon", "0", "-1", "nan", "inf", "-inf", "1e300", "1e-300"]
 BAD = {
     "server": ["ftp://h", "couch.example.org", "http://", "http://h:99999", "http://h/ x", "https://u:secret@"],
     "database": ["", "Site", "has space", "_users", "/x"],
