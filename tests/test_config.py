@@ -186,3 +186,23 @@ def test_a_server_url_may_carry_credentials_in_the_conffile(tmp_path):
     conffile = _write(tmp_path / "c.conf", "[himbeerecouch]\nserver = http://reader:pw@couch:5984\n"
                       "boot_config =\n")
     assert config.load(conffile).server == "http://reader:pw@couch:5984"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script", ["himbeerecouch.postinst", "himbeerecouch.config"])
+def test_the_debconf_scripts_recognise_a_url_with_a_password(script):
+    # The scripts' own check, run by sh; the package tier runs the scripts as a whole.
+    import re
+    import subprocess
+    text = (ROOT / "debian" / script).read_text()
+    function = re.search(r"^has_userinfo\(\) \{\n.*?^\}\n", text, re.M | re.S)
+    assert function, f"no has_userinfo() in debian/{script}"
+    cases = {"https://admin:secret@couch.example.org:6984": True, "http://admin@couch/": True,
+             "admin:secret@couch:5984": True, "https://couch.example.org:6984": False,
+             "http://couch/path@x": False, "": False}
+    for url, expected in cases.items():
+        result = subprocess.run(["sh", "-c", function.group(0) + 'has_userinfo "$1"', "sh", url])
+        assert (result.returncode == 0) is expected, url
+    assert 'if has_userinfo "$url"' in text or 'has_userinfo "$RET"' in text
