@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from .couch import CONNECTION_ERRORS, Conflict, Database, describe_error
-from .programs import now_iso
+from .processes import now_iso
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,13 @@ def local_ip(server_url: str) -> str | None:
 class StatusWriter(threading.Thread):
     COALESCE_SECONDS = 0.1      # a burst of changes becomes one write
 
-    def __init__(self, *, connect: Callable[[], Database], doc_id: str, interval: float) -> None:
+    def __init__(self, *, connect: Callable[[], Database], doc_id: str, interval: float,
+                 started: float | None = None) -> None:
         super().__init__(name="status-writer", daemon=True)
         self._connect = connect
         self.doc_id = doc_id
         self.interval = interval
+        self.started = started               # time.time() of the daemon's start, for `uptime`
         self._latest: dict[str, Any] | None = None
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -85,6 +88,9 @@ class StatusWriter(threading.Thread):
                 self._db = self._connect()
             doc = {"_id": self.doc_id, **status, "type": "heartbeat",
                    "ip": local_ip(self._db.server_url), "timestamp": now_iso()}
+            if self.started is not None:
+                # Rewritten every interval even when nothing else changed: it must be current.
+                doc["uptime"] = round(time.time() - self.started)
             for _ in range(3):
                 if self._rev:
                     doc["_rev"] = self._rev

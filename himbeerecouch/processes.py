@@ -1,0 +1,27 @@
+"""Small process helpers shared by programs and commands: environment, process groups, time."""
+from __future__ import annotations
+
+import os
+import signal
+from datetime import datetime, timezone
+
+# What belongs to systemd's dealings with the daemon, never to the processes it starts.
+CHILD_ENV_DROP = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+                  "LISTEN_FDNAMES")
+
+
+def child_environment() -> dict[str, str]:
+    """The daemon's environment without what belongs to systemd's dealings with the daemon."""
+    return {key: value for key, value in os.environ.items() if key not in CHILD_ENV_DROP}
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group; one that is gone already is fine."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def now_iso(timespec: str = "seconds") -> str:
+    return datetime.now(timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
