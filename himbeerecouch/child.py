@@ -1,14 +1,15 @@
 """The inside of one program's process: load the document's modules from strings, run main().
 
-Started by the supervisor as `python3 -m himbeerecouch.child`. It reads one JSON line on stdin
-(the program: code, modules, how to reach the database), then watches stdin: end of file means
-the daemon is gone, and the program is asked to quit, as with SIGTERM; after the grace period
-its process group is killed.
-Structured messages (log lines, the reason of a failure) go to the daemon on the file
-descriptor named by HIMBEERECOUCH_REPORT_FD, one JSON object per line; stdout and stderr stay
-the program's own.
-
-Exit codes: 0 main() returned, 1 main() raised, 3 the program cannot run (bad code, no main).
+Started by the supervisor as `python3 -P -m himbeerecouch.child` (no working directory on
+sys.path). It reads the program (one JSON object: code, modules, how to reach the database) from
+the file descriptor named by HIMBEERECOUCH_PROGRAM_FD (a memfd the daemon filled, so writing it
+never blocks the daemon), or else from the first line of stdin; then it watches stdin: end of
+file means the daemon is gone, and the program is asked to quit, as with SIGTERM; after the grace
+period its process group is killed.
+Structured messages go to the daemon on the file descriptor named by HIMBEERECOUCH_REPORT_FD,
+one JSON object per line: {"log": text}, {"error": text} (a failure that a retry may cure) and
+{"fatal": text} (one that no retry can cure: a syntax error, no main()). stdout and stderr stay
+the program's own, and so does the exit code: the daemon never reads meaning into it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import importlib
 import importlib.machinery
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -24,8 +26,12 @@ import traceback
 from typing import Any, Callable
 
 EXIT_FAILED = 1
-EXIT_INVALID = 3
 REPORT_FD_ENV = "HIMBEERECOUCH_REPORT_FD"
+PROGRAM_FD_ENV = "HIMBEERECOUCH_PROGRAM_FD"
+
+
+class ProgramInvalid(Exception):
+    """The document's code cannot run as it is (a syntax error): retrying will not help."""
 
 
 class Reporter:
@@ -56,6 +62,7 @@ class ProgramContext:
         self._database = None
         self._quit = threading.Event()
         self._notifications: list[Callable[[], Any]] = []
+        self._served = False                 # the notifications were taken to be called
         self._lock = threading.Lock()
 
     def log(self, *args: Any) -> None:
@@ -66,9 +73,10 @@ class ProgramContext:
 
     def register_quit_notification(self, function: Callable[[], Any]) -> None:
         with self._lock:
-            self._notifications.append(function)
-        if self._quit.is_set():
-            self._run_notifications([function])
+            if not self._served:
+                self._notifications.append(function)
+                return
+        self._run_notifications([function])            # too late for the others: call it now
 
     def remove_quit_notification(self, function: Callable[[], Any]) -> None:
         with self._lock:
@@ -94,14 +102,16 @@ class ProgramContext:
         return tuple(credentials) if credentials else None
 
     def request_quit(self) -> None:
-        if self._quit.is_set():
-            return
         self._quit.set()
+
+    def serve_notifications(self) -> None:
+        """The thread that calls the quit notifications, started with the program: when the
+        quit comes, a fork bomb or a memory hog may leave no room for a new thread."""
+        self._quit.wait()
         with self._lock:
+            self._served = True
             functions = list(self._notifications)
-        # Not inside a signal handler: the notifications are the program's code.
-        threading.Thread(target=self._run_notifications, args=(functions,), daemon=True,
-                         name="quit-notifications").start()
+        self._run_notifications(functions)
 
     def _run_notifications(self, functions: list[Callable[[], Any]]) -> None:
         for function in functions:
@@ -141,7 +151,10 @@ class StringModuleFinder:
 
     def exec_module(self, module) -> None:
         module.__dict__.update(self.names)
-        code = compile(self.sources[module.__name__], module.__spec__.origin, "exec")
+        try:
+            code = compile(self.sources[module.__name__], module.__spec__.origin, "exec")
+        except (SyntaxError, ValueError) as error:        # ValueError: NUL bytes (Python < 3.12)
+            raise ProgramInvalid(_describe(error)) from None
         exec(code, module.__dict__)
 
 
@@ -153,8 +166,11 @@ def _describe(error: BaseException) -> str:
 
 def run(spec: dict, reporter: Reporter) -> int:
     context = ProgramContext(reporter, spec.get("database"))
-    signal.signal(signal.SIGTERM, lambda signum, frame: context.request_quit())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at a terminal is the daemon's to handle
+    # The handler only writes a byte: the quit notifications run on the watcher thread, so a
+    # SIGTERM arriving while the main thread holds one of the context's locks cannot deadlock.
+    quit_read, quit_write = os.pipe()
+    os.set_blocking(quit_write, False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: _poke(quit_write))
     # The pipe from the daemon moves off fd 0 (the program gets /dev/null there) and is read
     # raw: a daemon thread blocked in a buffered read would abort the interpreter at exit.
     daemon_pipe = os.dup(0)
@@ -162,28 +178,38 @@ def run(spec: dict, reporter: Reporter) -> int:
     os.dup2(null, 0)
     os.close(null)
     sys.stdin = open(0, encoding="utf-8", closefd=False)
-    threading.Thread(target=_watch_daemon, args=(daemon_pipe, context, spec.get("grace_seconds", 20)),
-                     daemon=True, name="daemon-watch").start()
+    threading.Thread(target=_watch, args=(daemon_pipe, quit_read, context, spec.get("grace_seconds", 20)),
+                     daemon=True, name="quit-watch").start()
+    threading.Thread(target=context.serve_notifications, daemon=True, name="quit-notifications").start()
 
     # The program's own modules win over the global ones; its code is the module `main`.
     sources = {**spec.get("global_modules", {}), **spec.get("modules", {}), "main": spec["code"]}
     sys.meta_path.insert(0, StringModuleFinder(sources, context.injected_names(), spec.get("doc_id", "?")))
     try:
         module = importlib.import_module("main")
+    except ProgramInvalid as error:
+        reporter.send(fatal=f"cannot load the program: {error}")
+        return EXIT_FAILED
+    except SystemExit:
+        raise                       # the program's own exit, while it was imported
     except BaseException as error:
+        # A sensor that is not ready, a module not installed yet: the daemon retries later.
         traceback.print_exc()
         reporter.send(error=f"cannot load the program: {_describe(error)}")
-        return EXIT_INVALID
+        return EXIT_FAILED
     entry = getattr(module, "main", None)
     if not callable(entry):
-        reporter.send(error="the program defines no main() function")
-        return EXIT_INVALID
+        reporter.send(fatal="the program defines no main() function")
+        return EXIT_FAILED
     try:
         entry()
     except SystemExit as exit_request:
         if exit_request.code not in (None, 0):
             reporter.send(error=f"main() exited with {exit_request.code!r}")
         raise
+    except ProgramInvalid as error:
+        reporter.send(fatal=f"cannot load a module of the program: {error}")
+        return EXIT_FAILED
     except BaseException as error:
         traceback.print_exc()
         reporter.send(error=f"main() raised {_describe(error)}")
@@ -191,29 +217,53 @@ def run(spec: dict, reporter: Reporter) -> int:
     return 0
 
 
-def _watch_daemon(fd: int, context: ProgramContext, grace_seconds: float) -> None:
-    # The daemon never writes more after the program line: end of file means it is gone.
+def _poke(fd: int) -> None:
     try:
-        while os.read(fd, 4096):
-            pass
+        os.write(fd, b"q")
     except OSError:
-        pass
+        pass                        # full: a quit request is pending anyway
+
+
+def _watch(daemon_pipe: int, quit_pipe: int, context: ProgramContext, grace_seconds: float) -> None:
+    """Turn SIGTERM (a byte on quit_pipe) into a quit request; the end of the daemon's pipe too,
+    and then also enforce the grace period, since nobody else is left to do it."""
+    while True:
+        try:
+            ready, _, _ = select.select([daemon_pipe, quit_pipe], [], [])
+        except InterruptedError:
+            continue
+        if quit_pipe in ready:
+            os.read(quit_pipe, 4096)
+            context.request_quit()
+        if daemon_pipe in ready:
+            try:
+                data = os.read(daemon_pipe, 4096)
+            except OSError:
+                data = b""
+            if not data:                # the daemon never writes: end of file means it is gone
+                break
     context.request_quit()
-    # Nobody is left to enforce the grace period: the program does it to itself, so that no
-    # process outlives its daemon (outside systemd nothing else would end them).
+    # No process outlives its daemon (outside systemd nothing else would end them).
     time.sleep(grace_seconds)
     os.killpg(0, signal.SIGKILL)
+
+
+def _read_program() -> bytes:
+    fd = os.environ.pop(PROGRAM_FD_ENV, None)
+    if not fd:
+        return sys.stdin.buffer.readline()
+    with os.fdopen(int(fd), "rb") as stream:
+        return stream.read()
 
 
 def main() -> None:
     fd = os.environ.pop(REPORT_FD_ENV, None)
     reporter = Reporter(int(fd) if fd else None)
-    line = sys.stdin.buffer.readline()
     try:
-        spec = json.loads(line)
-    except ValueError:
-        reporter.send(error="the daemon sent no program")
-        sys.exit(EXIT_INVALID)
+        spec = json.loads(_read_program())
+    except (OSError, ValueError) as error:
+        reporter.send(error=f"the daemon sent no program: {error}")
+        sys.exit(EXIT_FAILED)
     sys.exit(run(spec, reporter))
 
 

@@ -8,6 +8,7 @@ only record the signal; the loop acts on it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -20,15 +21,17 @@ import time
 import traceback
 from typing import Any
 
-from . import __version__, credentials, documents
+from . import __version__, credentials, documents, logsetup
 from .config import Config, ConfigError, load
 from .commands import CommandRunner, Limits
 from .couch import Database, split_credentials, redact
 from .discovery import ProvisioningListener
+from .faultguard import EXIT_CODE, FaultGuard, RepeatedFault
 from .feed import Changed, FeedState, Follower, Snapshot
 from .identity import IdentityError, device_macid
 from .notify import Notifier
-from .programs import State, Supervisor, now_iso
+from .processes import kill_group, now_iso
+from .programs import State, Supervisor
 from .state import StateDir, write_atomic
 from .status import StatusWriter
 
@@ -45,9 +48,11 @@ LOOP_MAX_SLEEP = 1.0
 
 class Daemon:
     def __init__(self, config: Config, config_path: str | None = None,
-                 environ: dict[str, str] | None = None) -> None:
+                 environ: dict[str, str] | None = None, log_level: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        self.log_level = log_level           # given on the command line: wins over log_level
+        self.guard = FaultGuard()
         self.notifier = Notifier(environ)
         self.events: queue.Queue = queue.Queue()
         self.selector = selectors.DefaultSelector()
@@ -84,11 +89,20 @@ class Daemon:
         self.state = StateDir(config.state_dir, owner)
         try:
             self.state.prepare()
-            workdir = str(config.state_dir)
         except OSError as error:
             log.error("cannot use state dir %s: %s; nothing is kept across restarts",
                       config.state_dir, error)
-            workdir = "/"
+        # Programs and commands work below the state dir, never in it: a relative file name
+        # must not overwrite code.json, commands.json or credentials.json.
+        workdir, self.commands_workdir = "/", "/"
+        try:
+            for path in (config.state_dir / "programs", config.state_dir / "commands"):
+                path.mkdir(parents=True, exist_ok=True)
+            workdir = str(config.state_dir / "programs")
+            self.commands_workdir = str(config.state_dir / "commands")
+        except OSError as error:
+            log.error("cannot make working directories in %s: %s; programs and commands run in /",
+                      config.state_dir, error)
         database_settings = None
         if self.server_url:
             database_settings = {"url": self.server_url, "name": config.database,
@@ -151,11 +165,11 @@ class Daemon:
                 connect=self._connect, macid=self.macid, state=self.state,
                 max_parallel=self.config.max_parallel_commands,
                 limits=Limits(timeout=self.config.command_timeout_seconds,
-                              output_cap=self.config.command_output_cap_bytes, workdir=self.supervisor.workdir))
+                              output_cap=self.config.command_output_cap_bytes, workdir=self.commands_workdir))
             self.commands.start()
             self._commands_key = self._connection_key()
         self.writer = StatusWriter(connect=self._connect, doc_id=f"{self.macid}_heartbeat",
-                                   interval=self.config.status_interval_seconds)
+                                   interval=self.config.status_interval_seconds, started=self.started)
         self.follower.start()
         self.writer.start()
 
@@ -184,7 +198,7 @@ class Daemon:
     def _provisioned(self, url: str) -> None:
         """A discovery request named our server: keep it where the original kept it, follow it."""
         try:
-            write_atomic(self.config.server_file, (url + "\n").encode())
+            write_atomic(self.config.server_file, (url + "\n").encode(), mode=0o640)
         except OSError as error:
             log.error("cannot store the server URL in %s: %s", self.config.server_file, error)
             return
@@ -257,6 +271,10 @@ class Daemon:
             self.notifier.ready(self._summary())
             self._start_threads()
             self._loop()
+        except RepeatedFault as fault:
+            log.critical("%s; exiting so that a clean daemon is started", fault)
+            self._abort()
+            return EXIT_CODE
         finally:
             signal.set_wakeup_fd(previous_wakeup)
             for signum, handler in previous.items():
@@ -266,27 +284,46 @@ class Daemon:
         return 0
 
     def _loop(self) -> None:
-        next_deadline: float | None = None
+        """Every turn serves signals, events, timers and the watchdog, whatever the programs do:
+        a ready pipe costs one bounded read per turn (see output.py), and a step that fails is
+        logged and does not keep the others from running (see faultguard.py)."""
+        self._next_deadline: float | None = None
+        run = self.guard.run
         while True:
             timeout = LOOP_MAX_SLEEP
-            for due in (next_deadline, self.notifier.watchdog_due(), self._offline_start_at):
+            for due in (self._next_deadline, self.notifier.watchdog_due(), self._offline_start_at):
                 if due is not None:
                     timeout = min(timeout, max(0.0, due - time.monotonic()))
             for key, _ in self.selector.select(timeout):
                 if key.data is None:
                     self._drain_wake_pipe()
                 else:
-                    key.data.read(key.fd)
-            self._handle_signals()
-            self._handle_events()
-            self._run_last_known_code_if_due()
-            next_deadline = self.supervisor.tick()
+                    run(functools.partial(key.data.read, key.fd), "reading a program's output")
+            run(self._handle_signals, "signal handling")
+            run(self._handle_events, "handling the server's changes")
+            run(self._run_last_known_code_if_due, "starting the last-known code")
+            run(self._tick, "supervising the programs")
             if self.stopping and not self.supervisor.alive():
                 break
-            self._publish_status()
-            self._check_threads()
+            run(self._publish_status, "publishing the status")
+            run(self._check_threads, "checking the threads")
             self.notifier.ping_watchdog()
         self._finish()
+
+    def _tick(self) -> None:
+        self._next_deadline = None
+        self._next_deadline = self.supervisor.tick()
+
+    def _abort(self) -> None:
+        """Give up after repeated faults: nothing of this daemon may run on into the next one."""
+        for program in self.supervisor.alive():
+            kill_group(program.process.pid)
+        try:
+            self._stop_threads()
+            if self.commands:
+                self.commands.stop(timeout=2.0)     # running commands: killed, reported interrupted
+        except Exception:
+            log.exception("while giving up")
 
     def _drain_wake_pipe(self) -> None:
         try:
@@ -335,6 +372,7 @@ class Daemon:
         except (ConfigError, IdentityError, OSError, ValueError) as error:
             log.error("keeping the running configuration: %s", error)
             return
+        logsetup.set_level(self.log_level or config.log_level)
         self._restart_threads(config)
 
     def handle_usr1(self) -> None:
@@ -408,15 +446,7 @@ class Daemon:
         return True
 
     def _reconcile(self) -> None:
-        specs = [documents.parse(doc, self.config.max_program_bytes) for doc in self.docs.values()]
-        global_modules = documents.merged_global_modules(specs)
-        wanted = {}
-        for spec in specs:
-            fingerprint = documents.fingerprint(spec, global_modules)
-            if not spec.error:
-                spec = dataclasses.replace(spec, global_modules=global_modules)
-            wanted[spec.doc_id] = (spec, fingerprint)
-        self.supervisor.apply(wanted)
+        self.supervisor.apply(documents.wanted_programs(self.docs, self.config.max_program_bytes))
 
     def _check_threads(self) -> None:
         if self.stopping:

@@ -5,6 +5,7 @@ in the log and the status document instead of a crash somewhere else.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -101,7 +102,7 @@ def parse(doc: dict, max_bytes: int) -> ProgramSpec:
         enabled = doc.get("enabled", True)
         if not isinstance(enabled, bool):
             raise ValueError(f"'enabled' must be true or false, not {enabled!r}")
-        size = len((code or "").encode()) + sum(len(s.encode()) for s in modules.values())
+        size = _size(code or "", modules, global_modules)
         if size > max_bytes:
             raise ValueError(f"program is too large: {size} bytes of code, the limit is {max_bytes} "
                              "(max_program_bytes)")
@@ -109,6 +110,11 @@ def parse(doc: dict, max_bytes: int) -> ProgramSpec:
         return ProgramSpec(doc_id=doc_id, rev=rev, name=name, error=str(error))
     return ProgramSpec(doc_id=doc_id, rev=rev, name=name, code=code or "", modules=modules,
                        global_modules=global_modules, restart=restart, enabled=enabled)
+
+
+def _size(code: str, *module_sets: dict[str, str]) -> int:
+    return len(code.encode()) + sum(len(source.encode()) for modules in module_sets
+                                    for source in modules.values())
 
 
 def merged_global_modules(specs: list[ProgramSpec]) -> dict[str, str]:
@@ -129,3 +135,22 @@ def fingerprint(spec: ProgramSpec, global_modules: dict[str, str]) -> str:
     """Changes exactly when the program must restart: its document, or the global modules."""
     digest = hashlib.sha256(json.dumps([spec.doc_id, spec.rev, global_modules], sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def wanted_programs(docs: dict[str, dict], max_bytes: int) -> dict[str, tuple[ProgramSpec, str]]:
+    """What the documents ask to run: doc id -> (spec, fingerprint), each spec carrying the
+    merged global modules it sees. Pure: the same documents always give the same answer."""
+    specs = [parse(doc, max_bytes) for doc in docs.values()]
+    global_modules = merged_global_modules(specs)
+    wanted = {}
+    for spec in specs:
+        if not spec.error:
+            size = _size(spec.code, spec.modules, global_modules)
+            if spec.code and size > max_bytes:
+                spec = ProgramSpec(doc_id=spec.doc_id, rev=spec.rev, name=spec.name, error=(
+                    f"program is too large with the global modules it sees: {size} bytes of code, "
+                    f"the limit is {max_bytes} (max_program_bytes)"))
+            else:
+                spec = dataclasses.replace(spec, global_modules=global_modules)
+        wanted[spec.doc_id] = (spec, fingerprint(spec, global_modules))
+    return wanted

@@ -1,14 +1,15 @@
 """One child process per code document: start, stop, restart, and the state of each.
 
 Only the daemon's main loop calls into this module (one owner, no locks). Each program is in one
-named state, as in supervisor:
+named state, as in supervisor, and moves only along TRANSITIONS (anything else is a bug):
 
     STARTING -> RUNNING            a run that lasts start_seconds counts as a good start
     STARTING/RUNNING -> BACKOFF    it exited and the restart policy wants it again, after a delay
     STARTING/RUNNING -> EXITED     it exited and the policy does not restart it
-    any -> FATAL                   the document cannot run (bad code, no main()) until it changes
+    -> FATAL                       what no retry can fix (bad document, syntax error, no main())
     STARTING/RUNNING -> STOPPING   asked to quit (SIGTERM); killed with its process group at the deadline
     STOPPING -> STOPPED            disabled, or gone from the wanted set
+    -> BACKOFF                     also when no process could be started at all (EAGAIN, ENOMEM)
 """
 from __future__ import annotations
 
@@ -21,19 +22,21 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from hashlib import sha256
+from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import quote
 
 from . import child
 from .backoff import Backoff
 from .documents import ProgramSpec
+from .output import MAX_LINE, LineBudget, LineReader
+from .processes import child_environment, kill_group, now_iso
 
 log = logging.getLogger(__name__)
 program_log = logging.getLogger("himbeerecouch.program")
 
-MAX_LINE = 64 * 1024             # longer output lines are cut, so a runaway program cannot eat memory
-CHILD_ENV_DROP = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-                  "LISTEN_FDNAMES")
+DRAIN_BUDGET = 1024 * 1024       # read from a dead program's pipes before they are closed
 
 
 class State(str, enum.Enum):
@@ -47,15 +50,20 @@ class State(str, enum.Enum):
 
 
 ALIVE = (State.STARTING, State.RUNNING, State.STOPPING)
+_AT_REST = {State.STARTING, State.BACKOFF, State.FATAL, State.STOPPED}    # where a new spec may go
+TRANSITIONS: dict[State, set[State]] = {
+    State.STOPPED: _AT_REST,
+    State.EXITED: _AT_REST,
+    State.FATAL: _AT_REST,
+    State.BACKOFF: _AT_REST,
+    State.STARTING: {State.RUNNING, State.BACKOFF, State.EXITED, State.FATAL, State.STOPPING},
+    State.RUNNING: {State.BACKOFF, State.EXITED, State.FATAL, State.STOPPING},
+    State.STOPPING: _AT_REST,
+}
 
 
-def child_environment() -> dict[str, str]:
-    """The daemon's environment without what belongs to systemd's dealings with the daemon."""
-    return {key: value for key, value in os.environ.items() if key not in CHILD_ENV_DROP}
-
-
-def now_iso(timespec: str = "seconds") -> str:
-    return datetime.now(timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
+class TransitionError(RuntimeError):
+    """A move between states that TRANSITIONS does not allow: a bug in the supervisor."""
 
 
 def describe_exit(returncode: int) -> str:
@@ -66,9 +74,17 @@ def describe_exit(returncode: int) -> str:
             return f"killed by signal {-returncode}"
     if returncode == 0:
         return "exited normally"
-    if returncode == child.EXIT_INVALID:
-        return "could not load the program"
     return f"exited with code {returncode}"
+
+
+def working_directory(base: Path, doc_id: str) -> Path:
+    """A directory of the program's own under `base`, named after its document."""
+    name = quote(doc_id, safe="")
+    if name.startswith("."):
+        name = "%2E" + name[1:]                # never ".", ".." or hidden
+    if len(name) > 100:
+        name = name[:60] + "-" + sha256(doc_id.encode()).hexdigest()[:16]
+    return base / name
 
 
 @dataclass
@@ -82,6 +98,7 @@ class Program:
     starts: int = 0
     last_error: str | None = None
     last_exit: str | None = None
+    fatal: str | None = None             # reported by this run's child: no retry can help
     since: str = field(default_factory=now_iso)
     started_at: float = 0.0
     started_with: dict | None = None     # the database settings the running process was given
@@ -90,16 +107,20 @@ class Program:
     next_spec: tuple[ProgramSpec, str] | None = None   # to start once the old process is gone
     remove_when_stopped: bool = False
     killed: bool = False
+    lines: LineBudget = field(default_factory=LineBudget)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def set_state(self, state: State) -> None:
-        if state != self.state:
-            log.debug("%s: %s -> %s", self.name, self.state.value, state.value)
-            self.state = state
-            self.since = now_iso()
+        if state == self.state:
+            return
+        if state not in TRANSITIONS[self.state]:
+            raise TransitionError(f"{self.name}: {self.state.value} -> {state.value} is not a valid move")
+        log.debug("%s: %s -> %s", self.name, self.state.value, state.value)
+        self.state = state
+        self.since = now_iso()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -111,36 +132,34 @@ class Program:
             "last_error": self.last_error or self.spec.error,
             "last_exit": self.last_exit,
             "since": self.since,
+            "dropped_lines": self.lines.dropped,
         }
 
 
-class _Stream:
-    """One pipe from a child, split into lines for the log."""
-
-    def __init__(self, program: Program, fd: int, kind: str, close: Callable[[], None]) -> None:
-        self.program = program
-        self.fd = fd
-        self.kind = kind             # "stdout", "stderr" or "report"
-        self.close = close
-        self.pending = b""
-        os.set_blocking(fd, False)
+@dataclass
+class _Pipe:
+    program: Program
+    kind: str                    # "stdout", "stderr" or "report"
+    reader: LineReader
+    close: Callable[[], None]
 
 
 class Supervisor:
     def __init__(self, *, grace_seconds: float, start_seconds: float, backoff_cap: float,
                  workdir: str, database_settings: dict | None,
                  watch_fd: Callable[[int, Any], None], unwatch_fd: Callable[[int], None],
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], python: str = sys.executable) -> None:
         self.grace_seconds = grace_seconds
         self.start_seconds = start_seconds
         self.backoff_cap = backoff_cap
-        self.workdir = workdir
+        self.workdir = workdir               # each program gets a directory of its own below it
         self.database_settings = database_settings
+        self.python = python
         self._watch_fd = watch_fd
         self._unwatch_fd = unwatch_fd
         self._on_change = on_change          # called when anything the status shows changed
         self.programs: dict[str, Program] = {}
-        self._streams: dict[int, _Stream] = {}
+        self._pipes: dict[int, _Pipe] = {}
 
     # ---- the wanted set -------------------------------------------------------------------
 
@@ -196,44 +215,67 @@ class Supervisor:
 
     def _start(self, program: Program) -> None:
         spec = program.spec
-        payload = {"doc_id": spec.doc_id, "name": spec.name, "code": spec.code,
-                   "modules": spec.modules, "global_modules": spec.global_modules,
-                   "database": self.database_settings, "grace_seconds": self.grace_seconds}
-        report_read, report_write = os.pipe()
-        env = child_environment()
-        env["PYTHONUNBUFFERED"] = "1"
-        env[child.REPORT_FD_ENV] = str(report_write)
+        program.started_at = time.monotonic()     # also for a failed start: its back-off grows
+        program.fatal = None
+        payload = json.dumps({"doc_id": spec.doc_id, "name": spec.name, "code": spec.code,
+                              "modules": spec.modules, "global_modules": spec.global_modules,
+                              "database": self.database_settings,
+                              "grace_seconds": self.grace_seconds}).encode()
+        descriptors: list[int] = []
         try:
+            # The program goes through a memfd: writing it never blocks the loop, whatever its size.
+            program_fd = os.memfd_create("himbeerecouch-program", 0)
+            descriptors.append(program_fd)
+            os.write(program_fd, payload)
+            os.lseek(program_fd, 0, os.SEEK_SET)
+            report_read, report_write = os.pipe()
+            descriptors += [report_read, report_write]
+            workdir = self._workdir(spec.doc_id)
+            env = child_environment()
+            env["PYTHONUNBUFFERED"] = "1"
+            env[child.REPORT_FD_ENV] = str(report_write)
+            env[child.PROGRAM_FD_ENV] = str(program_fd)
             process = subprocess.Popen(
-                [sys.executable, "-u", "-m", "himbeerecouch.child"],
+                # -P: the working directory is not on sys.path, so a file a program writes
+                # there (signal.py, json.py) cannot shadow a module of the next start.
+                [self.python, "-u", "-P", "-m", "himbeerecouch.child"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(report_write,), env=env, cwd=self.workdir,
+                pass_fds=(report_write, program_fd), env=env, cwd=workdir,
                 start_new_session=True)   # its own process group, killed as a whole
-        except OSError as error:
-            os.close(report_read)
+        except (OSError, ValueError) as error:
+            for fd in descriptors:
+                os.close(fd)
             program.last_error = f"cannot start a process: {error}"
             log.error("%s: %s", program.name, program.last_error)
-            self._after_exit(program, None)
+            self._retry_later(program)
             return
-        finally:
-            os.close(report_write)
+        os.close(report_write)
+        os.close(program_fd)
         program.process = process
         program.starts += 1
-        program.started_at = time.monotonic()
         program.started_with = self.database_settings
         program.killed = False
         program.set_state(State.STARTING)
+        # stdin stays open and silent: its end tells the child the daemon is gone.
         for fd, kind, close in ((process.stdout.fileno(), "stdout", process.stdout.close),
                                 (process.stderr.fileno(), "stderr", process.stderr.close),
                                 (report_read, "report", lambda fd=report_read: os.close(fd))):
-            self._streams[fd] = _Stream(program, fd, kind, close)
+            reader = LineReader(fd, lambda line, program=program, kind=kind: self._line(program, kind, line))
+            self._pipes[fd] = _Pipe(program, kind, reader, close)
             self._watch_fd(fd, self)
         log.info("%s: started (pid %d, rev %s)", program.name, process.pid, spec.rev)
+
+    def _workdir(self, doc_id: str) -> str:
+        """The program's own working directory; "/" when the state dir cannot hold one."""
+        if self.workdir == "/":
+            return "/"
+        path = working_directory(Path(self.workdir), doc_id)
         try:
-            process.stdin.write(json.dumps(payload).encode() + b"\n")
-            process.stdin.flush()      # stdin stays open: its end tells the child the daemon is gone
-        except OSError:
-            pass                        # the child died at once; the exit is handled when reaped
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            log.error("cannot make the working directory %s: %s; the program runs in /", path, error)
+            return "/"
+        return str(path)
 
     def _stop(self, program: Program, reason: str) -> None:
         if program.state in (State.STARTING, State.RUNNING):
@@ -269,8 +311,6 @@ class Supervisor:
             program.next_spec = None
             program.remove_when_stopped = False
             self._stop(program, reason)
-            if program.state == State.BACKOFF:
-                program.set_state(State.STOPPED)
 
     def alive(self) -> list[Program]:
         return [p for p in self.programs.values() if p.state in ALIVE]
@@ -309,8 +349,8 @@ class Supervisor:
     def _reaped(self, program: Program, returncode: int) -> None:
         process = program.process
         kill_group(process.pid)          # whatever the program left behind goes with it
-        for stream in [s for s in self._streams.values() if s.program is program]:
-            self.read(stream.fd)
+        for fd in [fd for fd, pipe in self._pipes.items() if pipe.program is program]:
+            self._drain(fd)
         try:
             process.stdin.close()
         except OSError:
@@ -321,86 +361,99 @@ class Supervisor:
         program.last_exit = reason
         log.log(logging.INFO if returncode == 0 or program.state == State.STOPPING else logging.WARNING,
                 "%s: %s (pid %d)", program.name, reason, process.pid)
+        self._report_dropped(program, final=True)
         if program.state == State.STOPPING:
             self._finish_stop(program)
         else:
             self._after_exit(program, returncode)
 
-    def _after_exit(self, program: Program, returncode: int | None) -> None:
+    def _after_exit(self, program: Program, returncode: int) -> None:
         """It stopped by itself: restart, or not, as its policy says."""
-        if returncode == child.EXIT_INVALID:
+        if program.fatal:
+            program.last_error = program.fatal
             program.set_state(State.FATAL)
         elif program.spec.restart == "always" or (program.spec.restart == "on-failure" and returncode != 0):
-            if time.monotonic() - program.started_at >= self.start_seconds:
-                program.backoff.reset()
-            delay = program.backoff.next_delay()
-            program.deadline = time.monotonic() + delay
-            program.set_state(State.BACKOFF)
-            log.info("%s: restarting in %.1f s", program.name, delay)
+            self._retry_later(program)
         else:
             program.set_state(State.EXITED)
+        self._on_change()
+
+    def _retry_later(self, program: Program) -> None:
+        if time.monotonic() - program.started_at >= self.start_seconds:
+            program.backoff.reset()
+        delay = program.backoff.next_delay()
+        program.deadline = time.monotonic() + delay
+        program.set_state(State.BACKOFF)
+        log.info("%s: restarting in %.1f s", program.name, delay)
         self._on_change()
 
     # ---- output ---------------------------------------------------------------------------
 
     def read(self, fd: int) -> None:
-        """Read what a child wrote on `fd` and log complete lines."""
-        stream = self._streams.get(fd)
-        if stream is None:
-            return
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._close(stream)
-                return
-            stream.pending += data
-            *lines, stream.pending = stream.pending.split(b"\n")
-            if len(stream.pending) > MAX_LINE:
-                lines.append(stream.pending[:MAX_LINE] + b" [cut]")
-                stream.pending = b""
-            for line in lines:
-                self._emit(stream, line)
+        """The loop saw `fd` ready: read one budget of it (see output.py)."""
+        pipe = self._pipes.get(fd)
+        if pipe is not None:
+            if pipe.reader.read() is None:
+                self._close(fd)
+            self._report_dropped(pipe.program)
 
-    def _close(self, stream: _Stream) -> None:
-        if stream.pending:
-            self._emit(stream, stream.pending)
-            stream.pending = b""
-        self._unwatch_fd(stream.fd)
-        del self._streams[stream.fd]
-        stream.close()
+    def _drain(self, fd: int) -> None:
+        """The program is gone: take what it left in the pipe (bounded), then close it."""
+        reader = self._pipes[fd].reader
+        left = DRAIN_BUDGET
+        while left > 0:
+            got = reader.read()
+            if not got:             # its end, or nothing more now (an escaped grandchild holds it)
+                break
+            left -= got
+        self._close(fd)
 
-    def _emit(self, stream: _Stream, raw: bytes) -> None:
-        text = raw.decode("utf-8", errors="replace").rstrip("\r")
-        name = stream.program.name
-        if stream.kind != "report":
-            program_log.log(logging.WARNING if stream.kind == "stderr" else logging.INFO,
-                            "%s: %s", name, text)
+    def _close(self, fd: int) -> None:
+        pipe = self._pipes.pop(fd, None)
+        if pipe is None:
             return
+        pipe.reader.flush()
+        self._unwatch_fd(fd)
+        pipe.close()
+
+    def _line(self, program: Program, kind: str, raw: bytes) -> None:
+        text = raw[:MAX_LINE].decode("utf-8", errors="replace").rstrip("\r")
+        if kind == "report":
+            self._message(program, text)
+        elif program.lines.allow():
+            program_log.log(logging.WARNING if kind == "stderr" else logging.INFO,
+                            "%s: %s", program.name, text)
+
+    def _message(self, program: Program, text: str) -> None:
+        """One line of the child's report pipe: a JSON object, or (from a confused program) text."""
         try:
             message = json.loads(text)
         except ValueError:
-            program_log.info("%s: %s", name, text)
+            message = None
+        if not isinstance(message, dict):
+            if program.lines.allow():
+                program_log.info("%s: %s", program.name, text)
             return
-        if "log" in message:
-            program_log.info("%s: %s", name, message["log"])
-        if "error" in message:
-            stream.program.last_error = str(message["error"])
-            program_log.error("%s: %s", name, message["error"])
+        if "fatal" in message:
+            program.fatal = str(message["fatal"])
+        for key in ("log", "error", "fatal"):
+            if key not in message:
+                continue
+            value = str(message[key])
+            if key != "log":
+                program.last_error = value
+            if program.lines.allow():
+                program_log.log(logging.INFO if key == "log" else logging.ERROR, "%s: %s", program.name, value)
+                if key != "log":
+                    self._on_change()
+
+    def _report_dropped(self, program: Program, final: bool = False) -> None:
+        dropped = program.lines.take_report(final)
+        if dropped:
+            log.warning("%s: %d lines of output dropped (more than %d lines/s)", program.name, dropped,
+                        program.lines.rate)
             self._on_change()
 
     def close(self) -> None:
-        for stream in list(self._streams.values()):
-            self._close(stream)
-
-
-def kill_group(pgid: int) -> None:
-    """SIGKILL a process group; one that is gone already is fine."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        for fd in list(self._pipes):
+            self._close(fd)

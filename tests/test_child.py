@@ -65,12 +65,69 @@ def test_end_of_stdin_means_the_daemon_is_gone():
         assert {"log": "bye"} in [json.loads(line) for line in report]
 
 
-def test_load_failures_exit_with_the_invalid_code():
-    for code, expected in (("def main(:", "SyntaxError"), ("x = 1", "no main()"),
-                           ("import nowhere_to_be_found\ndef main(): pass", "ModuleNotFoundError")):
-        returncode, _, _, messages = run_child({"code": code})
-        assert returncode == child.EXIT_INVALID
-        assert expected in messages[-1]["error"]
+def test_what_no_retry_can_fix_is_reported_fatal_the_rest_as_errors():
+    cases = (
+        ("def main(:", "fatal", "SyntaxError"),
+        ("x = 1", "fatal", "no main()"),
+        ("import helper\ndef main(): pass", "fatal", "SyntaxError"),                # in a module
+        ("def main():\n    import helper", "fatal", "SyntaxError"),                 # imported late
+        ("import nowhere_to_be_found\ndef main(): pass", "error", "ModuleNotFoundError"),
+        ("raise OSError('sensor not ready')\ndef main(): pass", "error", "sensor not ready"),
+    )
+    for code, kind, expected in cases:
+        returncode, _, _, messages = run_child({"code": code, "modules": {"helper": "x = (\n"}})
+        assert returncode == child.EXIT_FAILED, code
+        assert list(messages[-1]) == [kind] and expected in messages[-1][kind], (code, messages)
+
+
+def test_the_exit_code_is_the_programs_own():
+    returncode, _, _, messages = run_child({"code": "import sys\ndef main():\n    sys.exit(3)\n"})
+    assert returncode == 3 and messages == [{"error": "main() exited with 3"}]
+    returncode, _, _, messages = run_child({"code": "import sys\nsys.exit(4)\ndef main(): pass\n"})
+    assert returncode == 4 and not any("fatal" in m for m in messages)
+
+
+def test_the_program_can_come_from_a_descriptor_of_its_own():
+    read_fd, write_fd = os.pipe()
+    program = os.memfd_create("program")
+    os.write(program, json.dumps({"code": "def main():\n    log('from the memfd')\n"}).encode())
+    os.lseek(program, 0, os.SEEK_SET)
+    env = {**os.environ, child.REPORT_FD_ENV: str(write_fd), child.PROGRAM_FD_ENV: str(program)}
+    process = subprocess.Popen([sys.executable, "-P", "-m", "himbeerecouch.child"], stdin=subprocess.PIPE,
+                               pass_fds=(write_fd, program), env=env)
+    os.close(write_fd)
+    os.close(program)
+    assert process.wait(timeout=10) == 0
+    with os.fdopen(read_fd) as report:
+        assert [json.loads(line) for line in report] == [{"log": "from the memfd"}]
+
+
+def test_sigterm_while_the_program_holds_the_quit_lock_does_not_hang():
+    # The program registers and removes notifications in a tight loop, so a SIGTERM often
+    # lands while the main thread holds the lock those calls take.
+    code = """
+def main():
+    def noop(): pass
+    while not should_quit():
+        register_quit_notification(noop)
+        remove_quit_notification(noop)
+    log("quit seen")
+"""
+    for _ in range(12):
+        returncode, _, err, messages = run_child({"code": code}, timeout=10, quit_after=0.3)
+        assert returncode == 0, err
+        assert {"log": "quit seen"} in messages
+
+
+def test_programs_and_what_they_start_get_sigint_as_default():
+    code = """
+import subprocess
+def main():
+    status = subprocess.run(["grep", "SigIgn", "/proc/self/status"], capture_output=True, text=True)
+    log(status.stdout.split()[1])
+"""
+    ignored = int(run_child({"code": code})[3][0]["log"], 16)
+    assert not ignored & (1 << (signal.SIGINT - 1))
 
 
 def test_program_modules_win_over_global_modules():

@@ -187,7 +187,6 @@ def test_bad_documents_get_clear_errors_and_disturb_nothing(admin, make_daemon, 
                    "ValueError: bad value"),
         "wrongtype": ({"code": ["not", "a", "string"]}, "'code' must be a string"),
         "huge": ({"code": "# " + "x" * 200000 + "\ndef main(): pass"}, "too large"),
-        "badmodule": ({"code": "import missing_helper\ndef main(): pass"}, "ModuleNotFoundError"),
     }
     for doc_id, (fields, _) in bad.items():
         admin.put({"_id": doc_id, "type": MACID, "colour": "unknown fields are fine", **fields})
@@ -205,6 +204,11 @@ def test_bad_documents_get_clear_errors_and_disturb_nothing(admin, make_daemon, 
     assert len(starts(tmp_path, "good")) == 1
     wait_state(admin, "good", "RUNNING")
     assert daemon.process.poll() is None
+    # A module that is missing may be installed later: that program is retried, not given up.
+    admin.put({"_id": "badmodule", "type": MACID, "code": "import missing_helper\ndef main(): pass"})
+    status = wait_for(lambda: (program_status(admin, "badmodule") or {}).get("restarts", 0) >= 1
+                      and program_status(admin, "badmodule"), message="badmodule retried")
+    assert "ModuleNotFoundError" in status["last_error"] and status["state"] != "FATAL"
     # Fixing a document makes it run.
     admin.put({"_id": "syntax", "type": MACID, "code": marker_program(tmp_path, "fixed")})
     wait_for(lambda: starts(tmp_path, "fixed"), message="the fixed program")
@@ -284,3 +288,13 @@ def test_the_status_document_survives_a_conflicting_write(admin, make_daemon, tm
     wait_state(admin, "p", "RUNNING")
     admin.put({"_id": f"{MACID}_heartbeat", "type": "heartbeat", "intruder": True})
     wait_for(lambda: "programs" in (status_doc(admin) or {}), message="the daemon's status again")
+
+
+def test_the_status_uptime_is_current_in_every_write(admin, make_daemon):
+    daemon = make_daemon(status_interval_seconds=1)
+    daemon.start()
+    first = wait_for(lambda: status_doc(admin), message="a status document")
+    # Nothing changes from here on: the rewrites every interval must still carry a fresh uptime.
+    later = wait_for(lambda: (status_doc(admin) or {}).get("uptime", 0) >= first["uptime"] + 2
+                     and status_doc(admin), timeout=10, message="a later uptime")
+    assert later["timestamp"] != first["timestamp"]
