@@ -69,11 +69,14 @@ class PersistentServer(CouchServer):
             raise RuntimeError(f"couch-server did not start: {line!r}; see {self.log_path}")
 
     def kill(self) -> None:
-        """SIGKILL the server itself (node: no shutdown of any kind), then its launcher."""
+        """SIGKILL the server itself (no shutdown of any kind), then its launcher. The launcher
+        starts the server as a process group of its own (node; or CouchDB's beam and helpers)."""
         launcher = self.process.pid
-        children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
-        for pid in children:
-            os.kill(int(pid), signal.SIGKILL)
+        for pid in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process.kill()
         self.process.wait(timeout=30)
         self.process = None
