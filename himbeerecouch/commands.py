@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .couch import CONNECTION_ERRORS, Conflict, Database, describe_error
-from .programs import child_environment, kill_group, now_iso
+from .processes import child_environment, kill_group, now_iso
 from .state import StateDir
 
 log = logging.getLogger(__name__)
@@ -163,35 +163,42 @@ def _pids_with_token(token: str) -> list[int]:
     return found
 
 
-def end_leftovers(entry: dict) -> str:
-    """Kill what is left of a command that a dead daemon started; say what was found."""
+def _live_token_pids(token: Any) -> list[int]:
+    return [pid for pid in _pids_with_token(token) if _alive(pid)] if isinstance(token, str) else []
+
+
+def end_leftovers(entry: dict, before_kill: Callable[[], None] = lambda: None) -> str:
+    """Kill what is left of a command that a dead daemon started; say what was found.
+
+    `before_kill` records that something was found (entry["killing"]), so that a daemon killed
+    in turn before it records the report does not leave the next one to say "it had ended"."""
     recorded = entry.get("boot")
     if recorded and boot_id() and recorded != boot_id():
         return "the Pi restarted since, which ended it"
-    killed = False
     pgid, ticks = entry.get("pgid"), entry.get("start_ticks")
-    if isinstance(pgid, int) and pgid > 1 and ticks is not None and start_ticks(pgid) == ticks \
-            and _alive(pgid):
-        kill_group(pgid)                                 # the group's leader is still ours
-        killed = True
-    token = entry.get("token")
+    where = f" (process group {pgid})" if isinstance(pgid, int) else ""
+    # The group is ours while its leader is the very process we started (not a reused pid).
+    leader = isinstance(pgid, int) and pgid > 1 and ticks is not None and start_ticks(pgid) == ticks \
+        and _alive(pgid)
+    pids = _live_token_pids(entry.get("token"))
+    if not (leader or pids):
+        if entry.get("killing"):
+            return f"it was still running{where} and was killed"
+        return f"it had ended{where}" if where else "it did not start or had ended"
+    before_kill()
+    if leader:
+        kill_group(pgid)
     for _ in range(20):                                  # until no fork slips through
-        pids = [pid for pid in _pids_with_token(token) if _alive(pid)] if token else []
-        if not pids:
-            break
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        killed = True
         time.sleep(0.02)
-    where = f" (process group {pgid})" if isinstance(pgid, int) else ""
-    if killed:
-        return f"it was still running{where} and was killed"
-    if isinstance(pgid, int):
-        return f"it had ended{where}"
-    return "it did not start or had ended"
+        pids = _live_token_pids(entry.get("token"))
+        if not pids:
+            break
+    return f"it was still running{where} and was killed"
 
 
 def _decode(data: bytes, dropped: int, cap: int) -> str:
@@ -386,7 +393,8 @@ class CommandRunner:
         for doc_id in self.ledger.with_state(STARTED):
             entry = self.ledger.get(doc_id) or {}
             try:
-                what = end_leftovers(entry)
+                what = end_leftovers(entry, before_kill=lambda: self.ledger.set(
+                    doc_id, {**entry, "killing": True}, durable=False))
             except Exception:                           # /proc unreadable: still report it
                 log.exception("command %s: cannot look for its processes", doc_id)
                 what = "its processes could not be checked"

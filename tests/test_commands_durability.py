@@ -257,3 +257,20 @@ def test_a_command_that_ended_while_the_daemon_was_down_is_reported_as_ended(adm
     doc = wait_for(lambda: "ret" in admin.get("quick") and admin.get("quick"), message="the report")
     assert doc["error"] == "interrupted" and "had ended" in doc["ret"][1], doc["ret"][1]
     assert "output is lost" in doc["ret"][1]
+
+
+def test_a_kill_recorded_by_a_daemon_that_died_in_turn_is_still_reported_as_a_kill():
+    entry = {"state": STARTED, "token": "t-gone", "boot": commands.boot_id(), "pid": 999999999,
+             "pgid": 999999999, "start_ticks": 5, "killing": True}
+    assert "was still running (process group 999999999) and was killed" in commands.end_leftovers(entry)
+
+
+def test_end_leftovers_records_the_kill_before_it_kills(tmp_path):
+    process = subprocess.Popen(["sleep", "30"], start_new_session=True,
+                               env={**os.environ, commands.COMMAND_ENV: "tok-3"})
+    seen = []
+    entry = {"state": STARTED, "token": "tok-3", "boot": commands.boot_id(), "pid": process.pid,
+             "pgid": process.pid, "start_ticks": commands.start_ticks(process.pid)}
+    commands.end_leftovers(entry, before_kill=lambda: seen.append(process.poll()))
+    assert seen == [None], "recorded while the process still ran"
+    assert process.wait(timeout=5) == -signal.SIGKILL
