@@ -298,3 +298,14 @@ def test_the_status_uptime_is_current_in_every_write(admin, make_daemon):
     later = wait_for(lambda: (status_doc(admin) or {}).get("uptime", 0) >= first["uptime"] + 2
                      and status_doc(admin), timeout=10, message="a later uptime")
     assert later["timestamp"] != first["timestamp"]
+
+
+def test_sighup_applies_a_new_log_level(admin, make_daemon):
+    daemon = make_daemon(log_level="WARNING")
+    daemon.start()
+    wait_for(lambda: status_doc(admin), message="a status document")
+    assert " INFO " not in daemon.log()
+    daemon.settings["log_level"] = "INFO"
+    daemon.write_config()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log(" INFO himbeerecouch.feed: following changes")
