@@ -70,7 +70,12 @@ class StateDir:
         """Remove temp files of writers killed before their rename: each crash would otherwise
         leave one more on a card that may be failing already."""
         removed = []
-        for entry in os.scandir(self.path):
+        try:
+            entries = list(os.scandir(self.path))
+        except OSError as error:
+            log.warning("cannot list %s: %s", self.path, error)
+            return removed
+        for entry in entries:
             try:
                 if (TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False)
                         and entry.stat(follow_symlinks=False).st_mtime < PROCESS_STARTED):
