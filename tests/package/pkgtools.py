@@ -131,6 +131,12 @@ class Container:
         hierarchies = [base / name for name in ("unified", "systemd") if (base / name / "cgroup.procs").exists()]
         if not hierarchies and (base / "cgroup.procs").exists():
             hierarchies = [base]            # pure cgroup v2
+        # The v1 memory controller too (hybrid or legacy host): nspawn gives the container a cgroup
+        # namespace, so its part of that hierarchy is this cgroup, and what its systemd makes there
+        # (enable_memory_limits) is removed with it at poweroff.
+        memory = _v1_cgroup("memory")
+        if memory is not None:
+            hierarchies.append(memory)
         own = []
         for hierarchy in hierarchies:
             path = hierarchy / f"himbeerecouch-{self.name}-{os.getpid()}"
@@ -206,6 +212,62 @@ class Container:
         return self.exec("journalctl", "-u", unit, "--no-pager", "-o", "short-monotonic",
                          check=False).stdout
 
+    # ---- memory limits of units ------------------------------------------------------------
+
+    def enable_memory_limits(self) -> str | None:
+        """Let the container's systemd apply MemoryMax= to its units; returns why it cannot, or None.
+
+        On a host with v1 controllers (the hybrid or legacy cgroup hierarchy) nspawn mounts each
+        of them read-only in the container (only name=systemd is writable): the container's
+        systemd then leaves the memory controller out of what it manages and applies no
+        memory limit at all. Remounting the container's memory hierarchy writable (it is the
+        container's own cgroup, see _own_cgroups) and re-executing its systemd, which looks at the
+        controllers again when it starts, makes MemoryMax= apply as memory.limit_in_bytes, as
+        systemd does on such a hierarchy. It lasts until the container powers off. On a cgroup v2
+        host the memory controller is there only when the host delegates it to the container."""
+        if self.exec("test", "-e", "/sys/fs/cgroup/memory/cgroup.procs", check=False).returncode != 0:
+            controllers = self.exec("cat", "/sys/fs/cgroup/cgroup.controllers", check=False).stdout.split()
+            if "memory" in controllers:
+                return None
+            return ("the container's cgroup (v2) has no memory controller: the host does not delegate it "
+                    f"(controllers: {' '.join(controllers) or 'none'})")
+        if _swap_total() > 0:
+            return ("a cgroup v1 host with swap: systemd's MemoryMax= there limits RAM only "
+                    "(memory.limit_in_bytes), so a program that eats memory is swapped out, not killed")
+        self.exec("mount", "-o", "remount,bind,rw,nosuid,nodev,noexec", "/sys/fs/cgroup/memory")
+        self.exec("systemctl", "daemon-reexec", check=False)
+        deadline = time.monotonic() + 60
+        while self.sh("systemctl is-system-running", check=False).stdout.strip() not in ("running", "degraded"):
+            if time.monotonic() > deadline:
+                raise AssertionError("the container's systemd did not come back after daemon-reexec")
+            time.sleep(0.1)
+        return None
+
+    def _memory_file(self, unit: str, v1: str, v2: str) -> str | None:
+        """A file of the memory controller in a unit's cgroup (v1 name, v2 name), None if missing."""
+        cgroup = self.show(unit, "ControlGroup").get("ControlGroup", "")
+        if not cgroup:
+            return None
+        for path in (f"/sys/fs/cgroup/memory{cgroup}/{v1}", f"/sys/fs/cgroup{cgroup}/{v2}"):
+            result = self.exec("cat", path, check=False)
+            if result.returncode == 0:
+                return result.stdout
+        return None
+
+    def memory_limit(self, unit: str) -> int | None:
+        """The memory limit the kernel enforces on a running unit's cgroup (None: none applies)."""
+        text = self._memory_file(unit, "memory.limit_in_bytes", "memory.max")
+        if text is None or text.strip() == "max":
+            return None
+        value = int(text.strip())
+        return value if value < 2 ** 62 else None      # v1 says "unlimited" with a huge number
+
+    def oom_kills(self, unit: str) -> int:
+        """How many processes the kernel's OOM killer has killed in a unit's cgroup."""
+        text = self._memory_file(unit, "memory.oom_control", "memory.events") or ""
+        counts = dict(line.split() for line in text.splitlines() if len(line.split()) == 2)
+        return int(counts.get("oom_kill", 0))
+
     def poweroff(self, timeout: float = 90) -> None:
         if self.process is None:
             return
@@ -246,6 +308,25 @@ class Container:
                     path.rmdir()
                 except OSError:
                     pass
+
+
+def _v1_cgroup(controller: str) -> Path | None:
+    """This process's cgroup in a v1 controller's hierarchy, if that hierarchy is mounted."""
+    base = Path("/sys/fs/cgroup") / controller
+    if not (base / "cgroup.procs").exists():
+        return None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return base / path.lstrip("/")
+    return None
+
+
+def _swap_total() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("SwapTotal:"):
+            return int(line.split()[1])
+    return 0
 
 
 def new_machine_id(root: Path) -> str:

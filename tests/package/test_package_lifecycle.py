@@ -1,6 +1,6 @@
 """The package's whole life in a clean Debian root: install with mmdebstrap, boot with
-systemd-nspawn, run a program pushed from the host, watchdog, stop, upgrade, clone, remove,
-purge. One story per Debian release; each step builds on the previous one.
+systemd-nspawn, run a program pushed from the host, watchdog, stop, upgrade, the unit's memory
+limit, clone, remove, purge. One story per Debian release; each step builds on the previous one.
 """
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from pkgtools import ROOT_PACKAGES, SUITES, Container, chroot, mmdebstrap, new_machine_id, reachable, run, timed
-from support import AdminClient, wait_for
+from pkgtools import ROOT, ROOT_PACKAGES, SUITES, Container, chroot, mmdebstrap, new_machine_id, reachable, run, timed
+from support import ADMIN, AdminClient, wait_for
 
 pytestmark = [pytest.mark.package_tier, pytest.mark.incremental]
 
@@ -37,6 +38,24 @@ def main():
     register_quit_notification(done.set)
     done.wait()
 '''
+# Eats memory until the kernel kills it: bytes filled with "x", every page touched (a bytearray
+# of zeros could stay unbacked). It stops at 1.5 GB and says so, should no limit apply.
+HOG = '''
+import time
+def main():
+    log("hog started")
+    hoard = []
+    while len(hoard) < 150 and not should_quit():
+        hoard.append(b"x" * 10_000_000)
+        time.sleep(0.01)
+    log("hog holds %d MB: no memory limit stopped it" % (len(hoard) * 10))
+    while not should_quit():
+        time.sleep(0.2)
+'''
+# Under the unit's memory limit of the test (a drop-in): far below the machine's memory, far
+# above what the daemon and a program need.
+MEMORY_MAX = 200 * 1024 * 1024
+MEMORY_DROP_IN = "etc/systemd/system/himbeerecouch.service.d/50-pkgtest-memory.conf"
 # Ignores the quit request: the daemon kills its process group after grace_seconds.
 STUBBORN = '''
 import os, time
@@ -75,7 +94,8 @@ class Story:
         return self.root / "var" / "rspby" / Path(*parts)
 
     def markers(self, label: str = "pkgtest") -> list[Path]:
-        return sorted(self.var().glob(f"{label}-*"))
+        """What the program of document `label` wrote in its working directory."""
+        return sorted(self.var("programs", label).glob(f"{label}-*"))
 
     def wait_new_marker(self, before: list[Path], timeout: float = 60) -> dict:
         marker = wait_for(lambda: sorted(set(self.markers()) - set(before)), timeout,
@@ -107,6 +127,18 @@ class Story:
     def rspby_processes(self) -> str:
         return self.container.exec("pgrep", "-a", "-u", "rspby", check=False).stdout.strip()
 
+    def status(self) -> dict:
+        return self.admin.get(f"{self.macid}_heartbeat") or {}
+
+    def operator(self, *args: str, input: str | None = None) -> str:
+        """The operator's command line (`himbeerecouch ...`) on the host, as the test server's admin."""
+        env = dict(os.environ, COUCHDB_URL=self.couch.url, COUCHDB_USER=ADMIN[0], COUCHDB_PASSWORD=ADMIN[1],
+                   COUCHDB_DATABASE=self.admin.db)
+        result = subprocess.run([sys.executable, "-m", "himbeerecouch", *args], input=input, text=True, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=120)
+        assert result.returncode == 0, f"himbeerecouch {' '.join(args)} exited {result.returncode}:\n{result.stdout}"
+        return result.stdout
+
 
 def firstboot_lines(console: str) -> list[str]:
     """What the first-boot unit printed (and the login prompt's issue line)."""
@@ -135,10 +167,11 @@ def story(request, build, workdir, couch, timings):
     timed(f"{suite}: mmdebstrap root with the .deb", timings, mmdebstrap, suite, root,
           ROOT_PACKAGES + [str(build.deb)], essential_hooks=[preseed, pi_groups])
     admin = AdminClient(couch.url, f"pkgtest_{suite}_{uuid.uuid4().hex[:8]}")
-    admin.create_db()
     # A Pi's CPU serial does not change between boots; off a Pi the machine-id stands in for it.
     new_machine_id(root)
     result = Story(suite, root, admin, macid=0x02AB00000000 + SUITES.index(suite) + 1, couch=couch)
+    # As an operator sets up a site: the database, its security object and validation.
+    result.operator("setup-db")
     yield result
     result.container.poweroff()
 
@@ -192,7 +225,8 @@ class TestLifecycle:
         assert PRESEEDED not in conffile and not re.search(r"^server", conffile, re.MULTILINE)
 
     def test_reconfigure_updates_the_debconf_server_file(self, story):
-        url = story.couch.admin_url
+        # The URL alone: the Pi logs in with its own credentials (user:password@ is refused).
+        url = story.couch.url
         chroot(story.root, "debconf-set-selections", input=f"himbeerecouch himbeerecouch/server string {url}\n")
         chroot(story.root, "dpkg-reconfigure", "-fnoninteractive", "himbeerecouch")
         assert story.var("server").read_text() == url + "\n"
@@ -217,6 +251,8 @@ class TestLifecycle:
         # Clean lines: no journal-style prefixes.
         assert not any(re.search(r"himbeerecouch-creds\[\d+\]", line) for line in lines), lines
         story.password = printed_password(lines)
+        # The operator creates the Pi's CouchDB user from what the console showed.
+        story.operator("add-device", "--from", "-", input=json.dumps({"MacID": story.macid, "password": story.password}))
         creds = json.loads(story.var("credentials.json").read_text())
         assert creds["password"] == story.password
         assert chroot(story.root, "stat", "-c", "%U:%G %a", "/var/rspby/credentials.json").stdout.strip() == "rspby:rspby 600"
@@ -231,7 +267,7 @@ class TestLifecycle:
 
     def test_program_from_the_host_runs_in_the_container(self, story):
         info = story.wait_new_marker([])
-        assert info["uid"] == story.uid("rspby") and info["cwd"] == "/var/rspby"
+        assert info["uid"] == story.uid("rspby") and info["cwd"] == "/var/rspby/programs/pkgtest"
         # The groups that own GPIO, I2C, SPI and serial devices reach the programs.
         for group in ["dialout", "gpio", "i2c", "spi"]:
             assert story.gid(group) in info["groups"], group
@@ -324,6 +360,63 @@ class TestLifecycle:
         markers = story.markers()
         story.container.exec("systemctl", "restart", "himbeerecouch.service")
         assert story.wait_new_marker(markers)["pycouchdb"].startswith("/usr/lib/himbeerecouch/python/")
+
+    # ---- the unit's memory limit ---------------------------------------------------------
+
+    def test_memory_hog_is_killed_and_the_daemon_survives(self, story, timings):
+        """MemoryMax= (with OOMPolicy=continue) on the whole service: the kernel's OOM killer takes
+        the program that eats memory, the daemon restarts it with back-off and keeps running.
+        A drop-in gives the unit a small limit; it is removed and the unit restarted at the end."""
+        container = story.container
+        drop_in = story.root / MEMORY_DROP_IN
+        drop_in.parent.mkdir(parents=True, exist_ok=True)
+        drop_in.write_text(f"[Service]\nMemoryMax={MEMORY_MAX}\nMemorySwapMax=0\n")
+        start = time.monotonic()
+        try:
+            why_not = container.enable_memory_limits()
+            container.exec("systemctl", "daemon-reload")
+            markers = story.markers()
+            container.exec("systemctl", "restart", "himbeerecouch.service")
+            story.wait_new_marker(markers)
+            if why_not is None and container.memory_limit("himbeerecouch.service") != MEMORY_MAX:
+                why_not = (f"MemoryMax={MEMORY_MAX} does not apply in the container: the unit's cgroup limit is "
+                           f"{container.memory_limit('himbeerecouch.service')}")
+            if why_not:
+                pytest.skip(f"no memory limit inside systemd-nspawn on this machine: {why_not}")
+            pkgtest = wait_for(lambda: (lambda p: p if p.get("state") == "RUNNING" else None)(
+                story.status().get("programs", {}).get("pkgtest", {})), 30, message="pkgtest RUNNING in the status")
+            before = story.daemon()
+            story.admin.put({"_id": "hog", "type": story.macid, "code": HOG})
+
+            def killed_twice():
+                hog = story.status().get("programs", {}).get("hog", {})
+                return hog if hog.get("restarts", 0) >= 2 and hog.get("last_exit") == "killed by SIGKILL" else None
+            hog = wait_for(killed_twice, 60, interval=0.5,
+                           message=f"the hog to be killed and restarted twice\n{story.daemon_log()}")
+            timings[f"{story.suite}: a memory hog killed twice under MemoryMax"] = round(time.monotonic() - start, 1)
+            assert container.oom_kills("himbeerecouch.service") >= 2, "the kernel's OOM killer did not act"
+            assert "no memory limit stopped it" not in story.daemon_log()
+            after = story.daemon()
+            assert after["ActiveState"] == "active" and after["SubState"] == "running", after
+            assert after["MainPID"] == before["MainPID"] and after["NRestarts"] == before["NRestarts"], (before, after)
+            # The other program was left alone.
+            status = story.status()
+            assert status["programs"]["pkgtest"]["state"] == "RUNNING"
+            assert status["programs"]["pkgtest"]["pid"] == pkgtest["pid"]
+            assert "pkgtest" in status["running_ids"]
+            container.exec("kill", "-0", str(pkgtest["pid"]))
+            assert hog["state"] in ("BACKOFF", "STARTING", "RUNNING"), hog
+        finally:
+            # The unit as it was: no drop-in, restarted without the hog.
+            if story.admin.get("hog"):
+                story.admin.delete("hog")
+            drop_in.unlink()
+            drop_in.parent.rmdir()
+            container.exec("systemctl", "daemon-reload")
+            markers = story.markers()
+            container.exec("systemctl", "restart", "himbeerecouch.service")
+            story.wait_new_marker(markers)
+        assert container.memory_limit("himbeerecouch.service") != MEMORY_MAX
 
     # ---- a cloned card -------------------------------------------------------------------
 
