@@ -408,13 +408,19 @@ class CommandRunner:
             if doc_id in self._active:
                 return                                  # ours, in progress: a duplicate notification
         for _ in range(attempts):
-            if doc.get("_retry") or "_rev" not in doc:
+            fresh = doc.get("_retry") or "_rev" not in doc
+            if fresh:
                 doc = self._database().get(doc_id)
                 if doc is None:
                     self.ledger.drop(doc_id)
                     return
             entry = self.ledger.get(doc_id)
             action = decide(doc, entry)
+            if action == "interrupted" and not fresh:
+                # The feed may bring the claimed revision after our result was written (the
+                # ledger entry is gone by then): only the server's current document can tell.
+                doc = {"_id": doc_id}
+                continue
             try:
                 if action == "drop":
                     self.ledger.drop(doc_id)            # done, by us or anyone: never run again

@@ -263,6 +263,11 @@ def test_server_killed_at_random_moments(tmp_path):
                 assert doc.get("error") == "interrupted" and ran[doc_id] == 0, (doc_id, ran[doc_id], doc)
                 outcomes["interrupted"] += 1
         assert set(ran) <= set(commands), set(ran) - set(commands)
+        # The log says "interrupted" only of commands that were: a stale revision from the feed
+        # is checked against the server before a command is judged interrupted.
+        said = {line.split("command ", 1)[1].split()[0] for line in daemon.log().splitlines()
+                if "marking it interrupted" in line}
+        assert said <= {doc_id for doc_id, doc in commands.items() if doc.get("error") == "interrupted"}, said
 
         # The state files parse and agree with the server.
         for path in daemon.state_dir.glob("*.json"):
