@@ -1,11 +1,15 @@
 # Shortcuts; the scripts are the real entry points (README.md).
-.PHONY: demo test bench ci
+.PHONY: demo test bench ci soak
 
 demo:
 	scripts/demo
 
 test:
 	scripts/test
+
+# The fault-injection tier (tests/faults/) with ten times the cycles and examples of CI.
+soak:
+	HIMBEERECOUCH_SOAK=1 scripts/test tests/faults
 
 bench:
 	scripts/bootstrap && .venv/bin/python bench/latency.py && .venv/bin/python bench/command.py

@@ -30,7 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load(args.config)
     logsetup.set_level(args.log_level or config.log_level)
     log.info("himbeerecouch %s starting", __version__)
-    return Daemon(config, args.config).run()
+    return Daemon(config, args.config, log_level=args.log_level).run()
 
 
 def cmd_broadcast(args: argparse.Namespace) -> int:
