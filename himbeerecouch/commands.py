@@ -276,6 +276,7 @@ class Ledger:
         self._state = state
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = state.load_ledger()
+        self._closed = False
 
     def get(self, doc_id: str) -> dict | None:
         with self._lock:
@@ -290,6 +291,8 @@ class Ledger:
             previous = self._entries.get(doc_id)
             self._entries[doc_id] = entry
             try:
+                if self._closed:
+                    raise OSError("the ledger is closed: its command runner was replaced")
                 self._state.save_ledger(self._entries)
                 return True
             except OSError as error:
@@ -307,11 +310,17 @@ class Ledger:
         """Forget a reported command; if the disk refuses, its record says "reported or started"
         there, which never leads to a run."""
         with self._lock:
-            if self._entries.pop(doc_id, None) is not None:
+            if self._entries.pop(doc_id, None) is not None and not self._closed:
                 try:
                     self._state.save_ledger(self._entries)
                 except OSError as error:
                     log.error("cannot write the command ledger: %s", error)
+
+    def close(self) -> None:
+        """No more writes: a runner that is replaced (SIGHUP, provisioning) may have a thread
+        that outlives its stop(), and it must not overwrite the new runner's ledger."""
+        with self._lock:
+            self._closed = True
 
     def with_state(self, state: str) -> list[str]:
         with self._lock:
@@ -365,6 +374,7 @@ class CommandRunner:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.ledger.close()
 
     # ---- claims (one thread) --------------------------------------------------------------
 

@@ -274,3 +274,20 @@ def test_end_leftovers_records_the_kill_before_it_kills(tmp_path):
     commands.end_leftovers(entry, before_kill=lambda: seen.append(process.poll()))
     assert seen == [None], "recorded while the process still ran"
     assert process.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_a_stopped_runner_never_writes_its_ledger_again(tmp_path):
+    # After SIGHUP a new runner owns commands.json; a thread of the old one that outlived its
+    # stop() must not overwrite it.
+    owner = {"server": "http://a", "database": "db", "macid": 1}
+    old = commands.Ledger(StateDir(tmp_path, owner))
+    old.set("cmd-old", {"state": CLAIMED})
+    old.close()
+    new = commands.Ledger(StateDir(tmp_path, owner))
+    new.set("cmd-new", {"state": STARTED})
+    with pytest.raises(commands.LedgerError, match="closed"):
+        old.set("cmd-late", {"state": STARTED})
+    assert not old.set("cmd-late", {"state": FINISHED, "result": {}}, durable=False)
+    old.drop("cmd-old")
+    on_disk = json.loads((tmp_path / "commands.json").read_text())["commands"]
+    assert on_disk == {"cmd-old": {"state": CLAIMED}, "cmd-new": {"state": STARTED}}
