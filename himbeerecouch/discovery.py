@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import MAX_URL_LENGTH, url_problem
+from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -189,23 +190,6 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-class _TokenBucket:
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._last = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-
 class ProvisioningListener(threading.Thread):
     """Answers discovery requests with this Pi's credentials (a daemon thread).
 
@@ -244,14 +228,14 @@ class ProvisioningListener(threading.Thread):
             raise ValueError("max_replies_per_second must be positive")
         self._credentials = credentials
         self._on_server = on_server
-        self._bucket = _TokenBucket(max_replies_per_second, max(1.0, max_replies_per_second))
+        self._bucket = TokenBucket(max_replies_per_second, max(1.0, max_replies_per_second))
         if led is not None:
             self._led: Led = led
         else:
             self._led = GpioLed(led_pin) if led_pin is not None else NoLed()
         self._blink_interval = blink_interval
         self._log_times: OrderedDict[str, float] = OrderedDict()
-        self._log_bucket = _TokenBucket(_LOG_LINES_PER_MINUTE / 60.0, _LOG_LINES_PER_MINUTE)
+        self._log_bucket = TokenBucket(_LOG_LINES_PER_MINUTE / 60.0, _LOG_LINES_PER_MINUTE)
         self._led_broken = False
         self._last_url: str | None = None
         self._stopping = threading.Event()

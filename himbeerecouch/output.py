@@ -12,6 +12,8 @@ import os
 import time
 from typing import Callable
 
+from .ratelimit import TokenBucket
+
 READ_BUDGET = 64 * 1024          # bytes read from one pipe per turn of the loop
 MAX_LINE = 64 * 1024             # longer lines are cut, so a runaway program cannot eat memory
 LINES_PER_SECOND = 50            # logged per program, on average ...
@@ -25,20 +27,14 @@ class LineBudget:
     def __init__(self, rate: float = LINES_PER_SECOND, burst: int = LINE_BURST,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
-        self.burst = burst
+        self._bucket = TokenBucket(rate, burst, clock)
         self._clock = clock
-        self._tokens = float(burst)
-        self._updated = clock()
         self.dropped = 0                 # every refused line, for the status document
         self._unreported = 0
-        self._reported_at = self._updated
+        self._reported_at = clock()
 
     def allow(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._bucket.take():
             return True
         self.dropped += 1
         self._unreported += 1
@@ -50,8 +46,7 @@ class LineBudget:
         if not self._unreported:
             return 0
         now = self._clock()
-        flood_over = self._tokens + (now - self._updated) * self.rate >= 1
-        if not (final or flood_over or now - self._reported_at >= DROP_REPORT_SECONDS):
+        if not (final or self._bucket.ready() or now - self._reported_at >= DROP_REPORT_SECONDS):
             return 0
         count, self._unreported, self._reported_at = self._unreported, 0, now
         return count
