@@ -171,6 +171,9 @@ def run(spec: dict, reporter: Reporter) -> int:
     quit_read, quit_write = os.pipe()
     os.set_blocking(quit_write, False)
     signal.signal(signal.SIGTERM, lambda signum, frame: _poke(quit_write))
+    # Python's own SIGINT handling even when the daemon was started with SIGINT ignored (in the
+    # background of a shell): the program, and what it starts, get the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # The pipe from the daemon moves off fd 0 (the program gets /dev/null there) and is read
     # raw: a daemon thread blocked in a buffered read would abort the interpreter at exit.
     daemon_pipe = os.dup(0)

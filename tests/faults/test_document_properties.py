@@ -8,6 +8,7 @@ command document. HIMBEERECOUCH_SOAK=1 runs many more examples.
 from __future__ import annotations
 
 import os
+import string
 import time
 
 import pytest
@@ -66,11 +67,10 @@ def test_judging_a_command_document_never_raises(doc):
         assert isinstance(reason, str) and reason
 
 
-# pouchdb-server 4.2 answers 201 to a document whose id starts with a character beyond the BMP
-# and then never lists it (_all_docs, _find), and takes "/" (%2F) in an id for an attachment's
-# path: ids stay in the BMP and without "/" here (Apache CouchDB has neither quirk).
-DOC_ID = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/", max_codepoint=0xFFFF),
-                 min_size=1, max_size=16).filter(lambda text: not text.startswith("_"))
+# Ids as people write them. (Wilder ids go to the pure tests above: pouchdb-server 4.2 answers
+# 201 to some, e.g. with "/" or a character beyond the BMP first, and then never lists them.)
+DOC_ID = st.text(alphabet=string.ascii_letters + string.digits + "-_.:~ äöüßé中", min_size=1,
+                 max_size=16).filter(lambda text: not text.startswith("_"))
 
 
 @pytest.mark.integration
@@ -92,11 +92,9 @@ def test_a_daemon_fed_random_documents_stays_up_and_answers_each(admin, make_dae
     daemon = make_daemon(subdir=f"example{time.monotonic_ns()}-")
     daemon.start()
     try:
-        # What the server lists is the truth to compare with (the test server mangles a few
-        # exotic ids, see DOC_ID).
         listed = admin.http.post(admin.url("_find"), json={"selector": {"type": MACID}, "limit": 100}, timeout=10)
         expected = {doc["_id"] for doc in listed.json()["docs"]}
-        assert len(expected) >= len(code_docs) - 1, (expected, list(code_docs))
+        assert expected == set(code_docs)
 
         def every_program_has_a_state():
             programs = (admin.get(f"{MACID}_heartbeat") or {}).get("programs") or {}
