@@ -14,14 +14,13 @@ import os
 import queue
 import selectors
 import signal
-import socket
 import sys
 import threading
 import time
 import traceback
 from typing import Any
 
-from . import __version__, credentials, documents, logsetup
+from . import credentials, documents, logsetup
 from .config import Config, ConfigError, load
 from .commands import CommandRunner, Limits
 from .couch import Database, split_credentials, redact
@@ -31,9 +30,9 @@ from .feed import Changed, FeedState, Follower, Snapshot
 from .identity import IdentityError, device_macid
 from .notify import Notifier
 from .processes import kill_group, now_iso
-from .programs import State, Supervisor
+from .programs import Supervisor
 from .state import StateDir, write_atomic
-from .status import StatusWriter
+from .status import StatusWriter, heartbeat, summary
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +91,7 @@ class Daemon:
         except OSError as error:
             log.error("cannot use state dir %s: %s; nothing is kept across restarts",
                       config.state_dir, error)
-        # Programs and commands work below the state dir, never in it: a relative file name
-        # must not overwrite code.json, commands.json or credentials.json.
-        workdir, self.commands_workdir = "/", "/"
-        try:
-            for path in (config.state_dir / "programs", config.state_dir / "commands"):
-                path.mkdir(parents=True, exist_ok=True)
-            workdir = str(config.state_dir / "programs")
-            self.commands_workdir = str(config.state_dir / "commands")
-        except OSError as error:
-            log.error("cannot make working directories in %s: %s; programs and commands run in /",
-                      config.state_dir, error)
+        workdir, self.commands_workdir = self.state.workdir("programs"), self.state.workdir("commands")
         database_settings = None
         if self.server_url:
             database_settings = {"url": self.server_url, "name": config.database,
@@ -460,32 +449,12 @@ class Daemon:
     # ---- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        programs = {doc_id: p.status() for doc_id, p in sorted(self.supervisor.programs.items())}
-        return {
-            "macid": self.macid,
-            "hostname": socket.gethostname(),
-            "version": __version__,
-            "started": self.started_iso,
-            "uptime": round(time.time() - self.started),
-            "daemon": "stopping" if self.stopping else "running",
-            "server_connected": self.feed_connected,
-            "server_error": self.feed_error,
-            "running_ids": [doc_id for doc_id, p in programs.items()
-                            if p["state"] in (State.STARTING.value, State.RUNNING.value)],
-            "programs": programs,
-        }
+        return heartbeat(macid=self.macid, started=self.started, started_iso=self.started_iso,
+                         stopping=self.stopping, feed_connected=self.feed_connected,
+                         feed_error=self.feed_error, programs=self.supervisor.programs)
 
     def _summary(self) -> str:
-        states = [p.state for p in self.supervisor.programs.values()]
-        running = sum(s in (State.STARTING, State.RUNNING) for s in states)
-        failed = sum(s in (State.FATAL, State.BACKOFF) for s in states)
-        server = ("no server" if not self.server_url else
-                  "server connected" if self.feed_connected else
-                  "server unreachable" if self.feed_error else "connecting to the server")
-        text = f"{running} program(s) running"
-        if failed:
-            text += f", {failed} failing"
-        return f"{text}; {server}"
+        return summary(self.supervisor.programs, self.server_url, self.feed_connected, self.feed_error)
 
     def _publish_status(self) -> None:
         if not self._status_dirty:

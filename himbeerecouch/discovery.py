@@ -27,7 +27,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from .config import MAX_URL_LENGTH, url_problem
+from .config import url_problem
 from .ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)

@@ -66,6 +66,18 @@ class StateDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temp_files()
 
+    def workdir(self, name: str) -> str:
+        """A working directory below the state dir (for programs, for commands), never the state
+        dir itself: a relative file name must not overwrite code.json or credentials.json.
+        "/" when it cannot be made (a read-only or missing state dir)."""
+        path = self.path / name
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            log.error("cannot make the working directory %s: %s; using /", path, error)
+            return "/"
+        return str(path)
+
     def remove_stale_temp_files(self) -> list[str]:
         """Remove temp files of writers killed before their rename: each crash would otherwise
         leave one more on a card that may be failing already."""

@@ -14,8 +14,10 @@ import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from . import __version__
 from .couch import CONNECTION_ERRORS, Conflict, Database, describe_error
 from .processes import now_iso
+from .programs import Program, State
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,40 @@ def local_ip(server_url: str) -> str | None:
             return probe.getsockname()[0]
     except OSError:
         return None
+
+
+def heartbeat(*, macid: int, started: float, started_iso: str, stopping: bool, feed_connected: bool,
+              feed_error: str | None, programs: dict[str, Program]) -> dict[str, Any]:
+    """The daemon's side of the status document (the writer adds ip, timestamp, uptime)."""
+    shown = {doc_id: program.status() for doc_id, program in sorted(programs.items())}
+    return {
+        "macid": macid,
+        "hostname": socket.gethostname(),
+        "version": __version__,
+        "started": started_iso,
+        "uptime": round(time.time() - started),
+        "daemon": "stopping" if stopping else "running",
+        "server_connected": feed_connected,
+        "server_error": feed_error,
+        "running_ids": [doc_id for doc_id, status in shown.items()
+                        if status["state"] in (State.STARTING.value, State.RUNNING.value)],
+        "programs": shown,
+    }
+
+
+def summary(programs: dict[str, Program], server_url: str, feed_connected: bool,
+            feed_error: str | None) -> str:
+    """One line for systemd's STATUS=."""
+    states = [program.state for program in programs.values()]
+    running = sum(state in (State.STARTING, State.RUNNING) for state in states)
+    failed = sum(state in (State.FATAL, State.BACKOFF) for state in states)
+    server = ("no server" if not server_url else
+              "server connected" if feed_connected else
+              "server unreachable" if feed_error else "connecting to the server")
+    text = f"{running} program(s) running"
+    if failed:
+        text += f", {failed} failing"
+    return f"{text}; {server}"
 
 
 class StatusWriter(threading.Thread):
