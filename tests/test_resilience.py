@@ -164,6 +164,8 @@ def test_offline_start_runs_the_last_known_code(admin, make_daemon, relay, tmp_p
     try:
         daemon.start(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "500000"})
         wait_for(lambda: len(starts(tmp_path, "p")) == 2, message="the program from the cache")
+        # Its marker file comes before its first log line: wait for the line too.
+        wait_for(lambda: daemon.log().count("p: started p") == 2, message="its log line")
         # Only once the server has had its chance to answer.
         log = daemon.log()
         waited = log.index("no answer from the server within 2 s: running the last-known code")
