@@ -417,18 +417,25 @@ class Supervisor:
         pipe.close()
 
     def _line(self, program: Program, kind: str, raw: bytes) -> None:
-        text = raw[:MAX_LINE].decode("utf-8", errors="replace").rstrip("\r")
-        if kind == "report":
-            self._message(program, text)
-        elif program.lines.allow():
-            program_log.log(logging.WARNING if kind == "stderr" else logging.INFO,
-                            "%s: %s", program.name, text)
+        # What a program writes is its own business: a line the daemon fails on is dropped and
+        # logged, never counted against the daemon (see faultguard.py), which would let a
+        # program make it exit.
+        try:
+            text = raw[:MAX_LINE].decode("utf-8", errors="replace").rstrip("\r")
+            if kind == "report":
+                self._message(program, text)
+            elif program.lines.allow():
+                program_log.log(logging.WARNING if kind == "stderr" else logging.INFO,
+                                "%s: %s", program.name, text)
+        except Exception:
+            if program.lines.allow():
+                log.exception("%s: cannot handle a line of its %s; dropped", program.name, kind)
 
     def _message(self, program: Program, text: str) -> None:
         """One line of the child's report pipe: a JSON object, or (from a confused program) text."""
         try:
             message = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):      # RecursionError: nested too deeply
             message = None
         if not isinstance(message, dict):
             if program.lines.allow():

@@ -137,3 +137,17 @@ def test_the_fault_guard_gives_up_only_on_a_fast_repeat(faults, spacing, gives_u
             raised = True
     assert raised == gives_up
     assert "unexpected failure in a step" in caplog.text and "Traceback" in caplog.text
+
+
+def test_a_line_the_daemon_fails_on_is_dropped_not_raised(tmp_path, monkeypatch, caplog):
+    # An exception here would count against the daemon (faultguard): five of them within a
+    # minute, all caused by one program's output, would make it exit.
+    supervisor = make_supervisor(tmp_path)
+    program = Program(spec=spec(), fingerprint="f", backoff=Backoff())
+
+    def broken(text):
+        raise KeyError("a bug of the daemon's")
+    monkeypatch.setattr("himbeerecouch.programs.json.loads", broken)
+    for _ in range(6):
+        supervisor._line(program, "report", b'{"log": "x"}')
+    assert "cannot handle a line of its report; dropped" in caplog.text

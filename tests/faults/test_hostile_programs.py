@@ -99,7 +99,7 @@ import os, time
 def main():
     payloads = [b"[1, 2]\\n", b'"text"\\n', b"null\\n", b"42\\n", b'{"error": {"nested": [1]}}\\n',
                 b'{"log": [1, {"a": null}]}\\n', b"\\xff\\xfe not utf-8\\n", b"{\\n", b"x" * 300000 + b"\\n",
-                b'{"loaded": "yes"}\\n', b'{"fatal": 7}\\n']
+                b'{"loaded": "yes"}\\n', b'{"fatal": 7}\\n'] + [b"[" * 60000 + b"\\n"] * 6   # too deep for json
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2:
