@@ -68,9 +68,10 @@ def test_judging_a_command_document_never_raises(doc):
 
 
 # Ids as people write them. (Wilder ids go to the pure tests above: pouchdb-server 4.2 answers
-# 201 to some, e.g. with "/" or a character beyond the BMP first, and then never lists them.)
+# 201 to an id whose first character takes three or more bytes in UTF-8, "中..." say, and then
+# never lists it; Apache CouchDB has no such quirk.)
 DOC_ID = st.text(alphabet=string.ascii_letters + string.digits + "-_.:~ äöüßé中", min_size=1,
-                 max_size=16).filter(lambda text: not text.startswith("_"))
+                 max_size=16).filter(lambda text: not text.startswith(("_", "中")))
 
 
 @pytest.mark.integration
