@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 SECTION = "himbeerecouch"
 DEFAULT_PATH = Path("/etc/himbeerecouch/himbeerecouch.conf")
+DEFAULT_BOOT_FILE = "/boot/firmware/himbeerecouch.txt"
 
 
 class ConfigError(Exception):
@@ -47,7 +48,7 @@ class Config:
     discovery_port: int = 53000
     led_pin: int | None = 16              # BCM pin blinked while waiting for provisioning; empty: none
     log_level: str = "INFO"
-    boot_config: str = "/boot/firmware/himbeerecouch.txt"   # per-card settings; they win; empty: none
+    boot_config: str = DEFAULT_BOOT_FILE  # per-card settings; they win; empty: none
 
     @property
     def server_file(self) -> Path:
@@ -76,7 +77,6 @@ MAX_SECONDS = 365 * 24 * 3600.0     # beyond this, timers and waits overflow (th
 MAX_URL_LENGTH = 2048
 MAX_PARALLEL_COMMANDS = 64          # one thread each
 MAX_BOOT_FILE_BYTES = 64 * 1024
-DEFAULT_BOOT_FILE = "/boot/firmware/himbeerecouch.txt"
 _DATABASE_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]{0,237}")   # CouchDB's rule for database names
 
 

@@ -24,11 +24,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import documents
-from .backoff import Backoff
 import requests
 from pycouchdb import exceptions as couch_errors
 
+from . import documents
+from .backoff import Backoff
 from .couch import CONNECTION_ERRORS, Change, Database, NotFound, describe_error, redact
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,13 @@
 """Small process helpers shared by programs and commands: environment, process groups, time."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # What belongs to systemd's dealings with the daemon, never to the processes it starts.
 CHILD_ENV_DROP = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
@@ -21,6 +25,17 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def make_workdir(path: Path) -> str:
+    """`path`, made if needed, as a working directory; "/" when it cannot be made (a read-only
+    or missing state dir), which is logged."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        log.error("cannot make the working directory %s: %s; using /", path, error)
+        return "/"
+    return str(path)
 
 
 def now_iso(timespec: str = "seconds") -> str:

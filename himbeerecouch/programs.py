@@ -31,7 +31,7 @@ from . import child
 from .backoff import Backoff
 from .documents import ProgramSpec
 from .output import MAX_LINE, LineBudget, LineReader
-from .processes import child_environment, kill_group, now_iso
+from .processes import child_environment, kill_group, make_workdir, now_iso
 
 log = logging.getLogger(__name__)
 program_log = logging.getLogger("himbeerecouch.program")
@@ -139,7 +139,6 @@ class Program:
 @dataclass
 class _Pipe:
     program: Program
-    kind: str                    # "stdout", "stderr" or "report"
     reader: LineReader
     close: Callable[[], None]
 
@@ -261,7 +260,7 @@ class Supervisor:
                                 (process.stderr.fileno(), "stderr", process.stderr.close),
                                 (report_read, "report", lambda fd=report_read: os.close(fd))):
             reader = LineReader(fd, lambda line, program=program, kind=kind: self._line(program, kind, line))
-            self._pipes[fd] = _Pipe(program, kind, reader, close)
+            self._pipes[fd] = _Pipe(program, reader, close)
             self._watch_fd(fd, self)
         log.info("%s: started (pid %d, rev %s)", program.name, process.pid, spec.rev)
 
@@ -269,13 +268,7 @@ class Supervisor:
         """The program's own working directory; "/" when the state dir cannot hold one."""
         if self.workdir == "/":
             return "/"
-        path = working_directory(Path(self.workdir), doc_id)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            log.error("cannot make the working directory %s: %s; the program runs in /", path, error)
-            return "/"
-        return str(path)
+        return make_workdir(working_directory(Path(self.workdir), doc_id))
 
     def _stop(self, program: Program, reason: str) -> None:
         if program.state in (State.STARTING, State.RUNNING):

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .processes import make_workdir
+
 log = logging.getLogger(__name__)
 
 # write_atomic's temp files: ".<name>.<8 random characters>.tmp" (tempfile.mkstemp).
@@ -70,13 +72,7 @@ class StateDir:
         """A working directory below the state dir (for programs, for commands), never the state
         dir itself: a relative file name must not overwrite code.json or credentials.json.
         "/" when it cannot be made (a read-only or missing state dir)."""
-        path = self.path / name
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            log.error("cannot make the working directory %s: %s; using /", path, error)
-            return "/"
-        return str(path)
+        return make_workdir(self.path / name)
 
     def remove_stale_temp_files(self) -> list[str]:
         """Remove temp files of writers killed before their rename: each crash would otherwise

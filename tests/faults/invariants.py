@@ -8,7 +8,7 @@ Each check raises AssertionError with what it found, or returns figures for the 
 - `check_program(admin, macid, doc_id)`: the program runs with the newest revision of its
   document (every code change applied);
 - `leftover_processes(folder)` / `wait_no_leftovers(folder)`: processes still working in a test's
-  folder (its state dir is the programs' and commands' working directory) once the daemon is
+  folder (the programs' and commands' working directories are below its state dir) once the daemon is
   stopped;
 - `check_state_files(state_dir)`: every JSON file there parses, and no temp file is left.
 """
@@ -89,7 +89,8 @@ def check_program(admin, macid: int, doc_id: str, timeout: float = 20.0) -> dict
                             f"{((admin.get(f'{macid}_heartbeat') or {}).get('programs') or {}).get(doc_id)}")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its parent does not count)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -110,7 +111,7 @@ def leftover_processes(folder: Path) -> list[str]:
             cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if (cwd == folder or cwd.startswith(folder + "/") or folder in cmdline) and _alive(int(name)):
+        if (cwd == folder or cwd.startswith(folder + "/") or folder in cmdline) and alive(int(name)):
             found.append(f"{name}: {cmdline.strip()} (in {cwd})")
     return found
 

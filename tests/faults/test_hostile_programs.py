@@ -14,7 +14,8 @@ import time
 import pytest
 
 from support import marker_program, starts, wait_for
-from watch import Cgroup, NotifySocket, alive, group_members
+from invariants import alive
+from watch import Cgroup, NotifySocket, group_members
 
 pytestmark = pytest.mark.integration
 MACID = 202481596538417

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from invariants import alive, leftover_processes
 from support import ADMIN, ROOT, AdminClient, CouchServer, DaemonProcess, free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -137,30 +138,6 @@ def markers_of(markers: Path) -> list[tuple[str, int, int]]:
     for path in markers.iterdir():
         label, version, pid = path.name.split("-")
         found.append((label, int(version[1:]), int(pid)))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def processes_under(folder: Path) -> list[str]:
-    """Live processes whose command line or working directory names `folder`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid() or not alive(int(entry.name)):
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if str(folder) in cmdline or cwd.startswith(str(folder)):
-            found.append(f"{entry.name}: {cmdline.strip()} (cwd {cwd})")
     return found
 
 
@@ -284,7 +261,7 @@ def test_server_killed_at_random_moments(tmp_path):
         daemon = None
         server.stop()
         assert not [pid for _, _, pid in starts if alive(pid)]
-        assert not processes_under(tmp_path), processes_under(tmp_path)
+        assert not leftover_processes(tmp_path), leftover_processes(tmp_path)
         print(f"server kill: {CYCLES} cycles ({followed_between} with the daemon following in between) "
               f"in {cycling:.0f} s; {writer.serial} code versions, {len(commands)} commands "
               f"{dict(outcomes)}, {writer.failed} writes failed on the absent server")

@@ -105,14 +105,6 @@ class Cgroup:
                 time.sleep(0.1)
 
 
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie waiting for its parent does not count)."""
-    try:
-        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-
-
 def group_members(pgid: int) -> list[int]:
     """Live processes of process group `pgid`."""
     members = []
