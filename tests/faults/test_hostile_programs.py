@@ -161,8 +161,7 @@ def test_a_program_that_eats_memory_is_killed_not_the_daemon(admin, make_daemon,
     # The unit's MemoryMax, small: the daemon and its programs share it, as under systemd.
     limit = str(400 * 1024 * 1024)
     try:
-        cgroup.make(**({"memory.limit_in_bytes": limit} if cgroup.controller == "memory"
-                       and (cgroup.path.parent / "memory.limit_in_bytes").exists() else {"memory.max": limit}))
+        cgroup.make(limit)
         daemon.start()
         cgroup.add(daemon.process.pid)
         daemon.wait_log("following changes")
@@ -203,7 +202,7 @@ def test_a_fork_bomb_is_contained_and_cleared(admin, make_daemon, tmp_path, noti
     daemon = make_daemon()
     cgroup = Cgroup("pids", f"himbeerecouch-test-{os.getpid()}-{time.monotonic_ns()}")
     try:
-        cgroup.make(**{"pids.max": "80"})      # the unit's TasksMax, small
+        cgroup.make("80")      # the unit's TasksMax, small
         daemon.start(env=notify.env(WATCHDOG_SECONDS))
         cgroup.add(daemon.process.pid)
         daemon.wait_log("following changes")

@@ -65,21 +65,31 @@ class Cgroup:
         return Path("/sys/fs/cgroup") / next(line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
                                              if line.startswith("0::")).lstrip("/")
 
+    @property
+    def limit_file(self) -> str:
+        """Where the limit goes: v1's memory.limit_in_bytes, else memory.max or pids.max."""
+        if self.controller == "memory" and (self.path.parent / "memory.limit_in_bytes").exists():
+            return "memory.limit_in_bytes"
+        return f"{self.controller}.max"
+
     @classmethod
     def usable(cls, controller: str) -> str | None:
-        """None when this machine lets the test make such a cgroup; else why not."""
+        """None when this machine lets the test make such a cgroup with a limit; else why not."""
         probe = cls(controller, f"himbeerecouch-probe-{os.getpid()}")
         try:
             probe.path.mkdir()
-            probe.path.rmdir()
         except OSError as error:
             return f"cannot make a {controller} cgroup here: {error}"
+        try:
+            if not (probe.path / probe.limit_file).exists():     # v2 without the controller
+                return f"a {controller} cgroup made here has no {probe.limit_file}"
+        finally:
+            probe.path.rmdir()
         return None
 
-    def make(self, **limits: str) -> "Cgroup":
+    def make(self, limit: str) -> "Cgroup":
         self.path.mkdir()
-        for key, value in limits.items():
-            (self.path / key).write_text(value)
+        (self.path / self.limit_file).write_text(limit)
         return self
 
     def add(self, pid: int) -> None:
