@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support import DEVICE_MACID, AdminClient, CouchServer, DaemonProcess, free_port  # noqa: E402
+from support import DEVICE_MACID, AdminClient, DaemonProcess, make_server  # noqa: E402
 
 MACID = DEVICE_MACID
 
@@ -24,7 +24,7 @@ def server_and_daemon(**settings) -> Iterator[tuple[AdminClient, DaemonProcess, 
     """A running test server, a fresh database and a daemon for it (not started yet)."""
     with tempfile.TemporaryDirectory(prefix="hc-bench-") as tmp:
         tmp_path = Path(tmp)
-        server = CouchServer(free_port(), tmp_path / "server.log")
+        server = make_server(tmp_path)
         server.start()
         daemon = None
         try:

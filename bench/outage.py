@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from common import MACID, percentile
-from support import ADMIN, ROOT, AdminClient, CouchServer, DaemonProcess, free_port, wait_for
+from support import ROOT, AdminClient, CouchServer, DaemonProcess, free_port, wait_for
 
 PROGRAM = '''
 import os, threading, time
@@ -32,25 +31,6 @@ def main():
     register_quit_notification(done.set)
     done.wait()
 '''
-
-
-class Server(CouchServer):
-    """scripts/couch-server or ../shared/couchdb/couchdb-server, keeping its data across restarts."""
-
-    def __init__(self, command: Path, port: int, folder: Path) -> None:
-        super().__init__(port, folder / "server.log")
-        self.command, self.data_dir = command, folder / "data"
-        self.data_option = "--data-dir" if command.name == "couch-server" else "--dir"
-
-    def start(self, timeout: float = 120.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [str(self.command), "--port", str(self.port), "--admin", ":".join(ADMIN),
-             self.data_option, str(self.data_dir)],
-            stdout=subprocess.PIPE, stderr=open(self.log_path, "ab"), text=True)
-        line = self.process.stdout.readline()
-        if not line.startswith("ready "):
-            raise RuntimeError(f"{self.command} did not start: {line!r}; see {self.log_path}")
 
 
 def attempts(log: str, since: float) -> int:
@@ -72,7 +52,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="hc-outage-") as tmp:
         tmp_path = Path(tmp)
-        server = Server(args.server.resolve(), free_port(), tmp_path / "server")
+        (tmp_path / "server").mkdir()
+        server = CouchServer(free_port(), tmp_path / "server" / "server.log",
+                             data_dir=tmp_path / "server" / "data", command=args.server.resolve())
         server.start()
         daemon = None
         follow, apply, tries = [], [], []

@@ -1,4 +1,5 @@
-"""Shared fixtures: the CouchDB-protocol server (scripts/couch-server) and daemons under test."""
+"""Shared fixtures: the CouchDB-protocol server (support.make_server: pouchdb-server, Apache CouchDB
+or one named by URL) and daemons under test."""
 from __future__ import annotations
 
 import uuid
@@ -7,12 +8,28 @@ import pytest
 
 from himbeerecouch import credentials
 from himbeerecouch.config import Config
-from support import DEVICE_MACID, AdminClient, CouchServer, DaemonProcess, free_port
+import support
+from support import DEVICE_MACID, AdminClient, CouchServer, DaemonProcess, make_server
+
+
+def pytest_report_header(config) -> str:
+    if support.TEST_URL:
+        return f"test server: {support.ExternalServer(support.TEST_URL).url} (HIMBEERECOUCH_TEST_URL)"
+    return f"test server: {support.launcher()} ({support.server_kind()})"
+
+
+def pytest_runtest_setup(item) -> None:
+    # A test of a difference between the servers says which server it is about.
+    for mark in item.iter_markers("only_on"):
+        if mark.args[0] != support.server_kind():
+            pytest.skip(f"{mark.args[0]} only: {mark.kwargs.get('reason', '')}")
+    if item.get_closest_marker("starts_servers") and support.TEST_URL:
+        pytest.skip("starts and kills test servers of its own; HIMBEERECOUCH_TEST_URL names one")
 
 
 @pytest.fixture(scope="session")
 def couch(tmp_path_factory) -> CouchServer:
-    server = CouchServer(free_port(), tmp_path_factory.mktemp("couch") / "server.log")
+    server = make_server(tmp_path_factory.mktemp("couch"))
     server.start()
     yield server
     server.stop()
@@ -20,9 +37,11 @@ def couch(tmp_path_factory) -> CouchServer:
 
 @pytest.fixture
 def admin(couch) -> AdminClient:
+    """A database of the test's own, removed after it (an outside server keeps nothing)."""
     client = AdminClient(couch.url, f"test_{uuid.uuid4().hex[:12]}")
     client.create_db()
-    return client
+    yield client
+    client.drop_db()
 
 
 @pytest.fixture

@@ -9,12 +9,46 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN = ("admin", "secret")
+COUCHDB_LAUNCHER = ROOT.parent / "shared" / "couchdb" / "couchdb-server"
+
+# Which server the integration tests talk to (README.md, "Tests"):
+#   HIMBEERECOUCH_TEST_SERVER=pouchdb (default)  scripts/couch-server, pouchdb-server 4.2
+#   HIMBEERECOUCH_TEST_SERVER=couchdb            ../shared/couchdb/couchdb-server, Apache CouchDB 3.5
+#   HIMBEERECOUCH_TEST_SERVER=/path/to/launcher  any launcher with couch-server's contract
+#   HIMBEERECOUCH_TEST_URL=http://admin:pw@host:5984   a CouchDB that is already running
+TEST_URL = os.environ.get("HIMBEERECOUCH_TEST_URL", "").rstrip("/")
+TEST_SERVER = os.environ.get("HIMBEERECOUCH_TEST_SERVER", "pouchdb")
+
+
+def _admin_from(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    if not parts.username:
+        raise SystemExit("HIMBEERECOUCH_TEST_URL must name a server admin: http://USER:PASSWORD@HOST:PORT")
+    return unquote(parts.username), unquote(parts.password or "")
+
+
+ADMIN = _admin_from(TEST_URL) if TEST_URL else ("admin", "secret")
+
+
+def server_kind() -> str:
+    """'pouchdb' or 'couchdb': what the tests' server is, for the tests that state a difference."""
+    if TEST_URL:
+        return "couchdb"
+    return "pouchdb" if TEST_SERVER in ("pouchdb", "") else "couchdb"
+
+
+def launcher() -> Path:
+    if TEST_SERVER in ("pouchdb", ""):
+        return ROOT / "scripts" / "couch-server"
+    path = COUCHDB_LAUNCHER if TEST_SERVER == "couchdb" else Path(TEST_SERVER)
+    if not path.exists():
+        raise SystemExit(f"HIMBEERECOUCH_TEST_SERVER={TEST_SERVER}: no launcher at {path}")
+    return path
 
 
 def free_port() -> int:
@@ -36,45 +70,112 @@ def wait_for(condition: Callable[[], object], timeout: float = 15.0, interval: f
         time.sleep(interval)
 
 
-class CouchServer:
-    """One scripts/couch-server process; can be killed and started again on the same port."""
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, children first (read from /proc, so only ours: no name patterns)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
-    def __init__(self, port: int, log_path: Path) -> None:
+
+class CouchServer:
+    """One test server started by a launcher (scripts/couch-server or CouchDB's); can be killed
+    and started again on the same port. With `data_dir` its databases outlive a restart."""
+
+    def __init__(self, port: int, log_path: Path, data_dir: Path | None = None,
+                 command: Path | None = None) -> None:
         self.port = port
+        self.host = "127.0.0.1"
         self.log_path = log_path
+        self.data_dir = data_dir
+        self.command = command or launcher()
         self.process: subprocess.Popen | None = None
+        self.kind = "pouchdb" if self.command.name == "couch-server" else "couchdb"
+
+    restartable = True
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def admin_url(self) -> str:
-        return f"http://{ADMIN[0]}:{ADMIN[1]}@127.0.0.1:{self.port}"
+        return f"http://{quote(ADMIN[0], safe='')}:{quote(ADMIN[1], safe='')}@{self.host}:{self.port}"
 
     def start(self, timeout: float = 180.0) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [str(ROOT / "scripts" / "couch-server"), "--port", str(self.port), "--admin", ":".join(ADMIN)],
-            stdout=subprocess.PIPE, stderr=log, text=True)
-        deadline = time.monotonic() + timeout
+        argv = [str(self.command), "--port", str(self.port), "--admin", ":".join(ADMIN)]
+        env = dict(os.environ)
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            argv += ["--data-dir" if self.kind == "pouchdb" else "--dir", str(self.data_dir)]
+            # the launcher's own work files, left behind when it is killed, stay beside the data
+            env["TMPDIR"] = str(self.data_dir.parent)
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(self.log_path, "ab"),
+                                        text=True, env=env)
         line = self.process.stdout.readline()
-        if not line.startswith("ready ") or time.monotonic() > deadline:
-            raise RuntimeError(f"couch-server did not start: {line!r}; see {self.log_path}")
+        if not line.startswith("ready "):
+            self.kill()
+            raise RuntimeError(f"{self.command.name} did not start: {line!r}; see {self.log_path}")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
         self.process = None
 
     def kill(self) -> None:
-        """Stop it abruptly, as a crashed or unplugged server."""
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-            subprocess.run(["pkill", "-9", "-f", f"pouchdb-server.*-p {self.port}"], check=False)
+        """Stop it abruptly, as a crashed or unplugged server: SIGKILL to the launcher and every
+        process below it (the launcher starts the server in a session of its own)."""
+        if self.process is None:
+            return
+        for pid in [self.process.pid] + descendants(self.process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(timeout=30)
         self.process = None
+
+
+class ExternalServer:
+    """A CouchDB that runs already (HIMBEERECOUCH_TEST_URL): never started or stopped by a test."""
+
+    kind = "couchdb"
+    restartable = False
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.url = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        self.admin_url = url
+
+    def start(self) -> None:
+        response = requests.get(f"{self.url}/_up", timeout=10)
+        if response.status_code != 200:
+            raise RuntimeError(f"{self.url} does not answer /_up: {response.status_code}")
+
+    def stop(self) -> None:
+        pass
+
+
+def make_server(tmp: Path) -> CouchServer | ExternalServer:
+    """The server this run of the tests uses (see the top of this module)."""
+    if TEST_URL:
+        return ExternalServer(TEST_URL)
+    return CouchServer(free_port(), tmp / "server.log")
 
 
 class AdminClient:
@@ -92,6 +193,9 @@ class AdminClient:
     def create_db(self) -> None:
         response = self.http.put(self.url(), timeout=10)
         assert response.status_code in (201, 412), response.text
+
+    def drop_db(self) -> None:
+        self.http.delete(self.url(), timeout=30)
 
     def get(self, doc_id: str) -> dict | None:
         response = self.http.get(self.url(doc_id), timeout=10)

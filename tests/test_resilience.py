@@ -105,6 +105,7 @@ def test_resume_from_the_checkpoint_after_a_restart(admin, make_daemon, tmp_path
     assert "running the last-known code" not in daemon.log()
 
 
+@pytest.mark.starts_servers
 def test_server_killed_and_restarted_while_programs_run(tmp_path):
     server = CouchServer(free_port(), tmp_path / "server.log")
     server.start()

@@ -1,8 +1,8 @@
 """Fault injection: the server is SIGKILLed and restarted at random moments while code and
 commands keep being written.
 
-The server is a test server of this test's own, on its own port and on a data dir (the databases
-survive a kill, as a real CouchDB's do). A writer thread updates three programs and writes
+The server is a test server of this test's own (of the kind the run uses), on its own port and on a
+data dir (the databases survive a kill, as a real CouchDB's do). A writer thread updates three programs and writes
 command documents all along; a killer thread kills the server and starts it again. At the end:
 - every code change is applied: the newest version of each program runs, once, and nothing else;
 - every command document has a result: run exactly once (its side effect, a line appended to a
@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -30,9 +28,9 @@ import pytest
 import requests
 
 from invariants import alive, leftover_processes
-from support import ADMIN, ROOT, AdminClient, CouchServer, DaemonProcess, free_port, wait_for
+from support import AdminClient, CouchServer, DaemonProcess, free_port, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.starts_servers]
 MACID = 202481596538417
 LABELS = ("a", "b", "c")
 CYCLES = int(os.environ.get("HIMBEERECOUCH_SERVER_KILL_CYCLES", "30")) * (
@@ -48,39 +46,6 @@ def main():
     register_quit_notification(done.set)
     done.wait()
 '''
-
-
-class PersistentServer(CouchServer):
-    """scripts/couch-server on a data dir: a restart finds the databases as they were."""
-
-    def __init__(self, port: int, folder: Path) -> None:
-        super().__init__(port, folder / "server.log")
-        self.data_dir = folder / "data"
-        self.tmp_dir = folder / "tmp"          # the launcher's work dirs, left behind by kills
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.process = subprocess.Popen(
-            [str(ROOT / "scripts" / "couch-server"), "--port", str(self.port), "--admin", ":".join(ADMIN),
-             "--data-dir", str(self.data_dir)],
-            stdout=subprocess.PIPE, stderr=open(self.log_path, "ab"), text=True,
-            env={**os.environ, "TMPDIR": str(self.tmp_dir)})
-        line = self.process.stdout.readline()
-        if not line.startswith("ready "):
-            raise RuntimeError(f"couch-server did not start: {line!r}; see {self.log_path}")
-
-    def kill(self) -> None:
-        """SIGKILL the server itself (no shutdown of any kind), then its launcher. The launcher
-        starts the server as a process group of its own (node; or CouchDB's beam and helpers)."""
-        launcher = self.process.pid
-        for pid in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
-            try:
-                os.killpg(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.process.kill()
-        self.process.wait(timeout=30)
-        self.process = None
 
 
 class Writer(threading.Thread):
@@ -154,7 +119,8 @@ def test_server_killed_at_random_moments(tmp_path):
     markers, effects = tmp_path / "markers", tmp_path / "effects.txt"
     markers.mkdir()
     effects.touch()
-    server = PersistentServer(free_port(), tmp_path / "server")
+    (tmp_path / "server").mkdir()
+    server = CouchServer(free_port(), tmp_path / "server" / "server.log", data_dir=tmp_path / "server" / "data")
     server.start()
     daemon: DaemonProcess | None = None
     began = time.monotonic()
