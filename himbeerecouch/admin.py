@@ -16,6 +16,7 @@ import configparser
 import getpass
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -39,6 +40,21 @@ DEFAULT_DATABASE = "nedm/raspberries"
 
 class OperatorError(Exception):
     """Something the operator must fix; the message says what."""
+
+
+def read_text(file: str, what: str, stdin: TextIO | None = None) -> str:
+    """A text file the operator named (`-`: stdin when given), or an OperatorError that names
+    the file once and says what is wrong with it."""
+    try:
+        if file == "-" and stdin is not None:
+            return stdin.read()
+        return Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        name = "stdin" if file == "-" else file
+        raise OperatorError(f"{what} {name} is not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        name = "stdin" if file == "-" else file
+        raise OperatorError(f"cannot read {what} {name}: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True)
@@ -71,14 +87,28 @@ def _admin_config(args: argparse.Namespace, environ) -> dict[str, str]:
     path = Path(explicit) if explicit else DEFAULT_ADMIN_CONFIG.expanduser()
     if not path.exists():
         if explicit:
-            raise OperatorError(f"operator config file {path} does not exist")
+            raise OperatorError(f"the operator config file {path} does not exist")
         return {}
     parser = configparser.ConfigParser(interpolation=None)
+    text = read_text(str(path), "the operator config file")
     try:
-        parser.read(path, encoding="utf-8")
+        parser.read_string(text, source=str(path))
     except configparser.Error as error:
-        raise OperatorError(f"operator config file {path} is not valid INI: {error}") from None
+        raise OperatorError(f"the operator config file {path} is not valid INI: {_ini_problem(error)}") from None
     return dict(parser.items(ADMIN_SECTION)) if parser.has_section(ADMIN_SECTION) else {}
+
+
+def _ini_problem(error: configparser.Error) -> str:
+    """configparser's own text repeats the file name and spans lines; this is the gist."""
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return f"line {error.lineno}: a key before any [section] header"
+    if isinstance(error, configparser.ParsingError) and error.errors:
+        return "; ".join(f"line {lineno}: cannot parse {line.strip()}" for lineno, line in error.errors)
+    if isinstance(error, (configparser.DuplicateSectionError, configparser.DuplicateOptionError)):
+        where = f"line {error.lineno}: " if error.lineno else ""
+        return where + (f"section [{error.section}] again" if isinstance(error, configparser.DuplicateSectionError)
+                        else f"key {error.option} twice in [{error.section}]")
+    return error.message if hasattr(error, "message") else str(error)
 
 
 def resolve_connection(args: argparse.Namespace, environ=os.environ, stdin: TextIO = sys.stdin) -> Connection:
@@ -92,20 +122,31 @@ def resolve_connection(args: argparse.Namespace, environ=os.environ, stdin: Text
         (url_credentials[0] if url_credentials else None)
     password = None
     if args.password_file:
-        try:
-            password = Path(args.password_file).read_text(encoding="utf-8").rstrip("\n")
-        except OSError as error:
-            raise OperatorError(f"cannot read the password file: {error}") from None
+        password = read_text(args.password_file, "the password file").rstrip("\n")
     password = password or environ.get("COUCHDB_PASSWORD") or stored.get("password") or \
         (url_credentials[1] if url_credentials else None)
     if user and password is None:
         if not stdin.isatty():
             raise OperatorError(f"no password for user {user}: set COUCHDB_PASSWORD or use --password-file")
-        password = getpass.getpass(f"CouchDB password for {user}: ")
+        password = _prompt(f"CouchDB password for {user}: ")
+    ca_file = args.ca_file or environ.get("COUCHDB_CA_FILE") or stored.get("ca_file", "")
+    if ca_file and urlsplit(server).scheme == "https":
+        try:                                        # requests would raise a bare OSError for it
+            with open(ca_file, "rb"):
+                pass
+        except OSError as error:
+            raise OperatorError(f"cannot read the CA file {ca_file}: {error.strerror or error}") from None
     return Connection(server=server, database=args.database or environ.get("COUCHDB_DATABASE")
                       or stored.get("database") or DEFAULT_DATABASE,
-                      user=user, password=password,
-                      ca_file=args.ca_file or environ.get("COUCHDB_CA_FILE") or stored.get("ca_file", ""))
+                      user=user, password=password, ca_file=ca_file)
+
+
+def _prompt(question: str) -> str:
+    """A password from the terminal; Ctrl-D is a refusal, not a traceback."""
+    try:
+        return getpass.getpass(question)
+    except EOFError:
+        raise OperatorError("no password given") from None
 
 
 def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
@@ -161,23 +202,25 @@ def read_device_credentials(args: argparse.Namespace, stdin: TextIO) -> tuple[in
     source = args.from_file
     if source is None and args.macid is not None:
         if stdin.isatty():
-            return args.macid, getpass.getpass(f"password of device {args.macid}: ")
+            return args.macid, _prompt(f"password of device {args.macid}: ")
         source = "-"
     if source is None:
         raise OperatorError("give MACID PASSWORD, or --from FILE (- for stdin) with the output of "
                             "himbeerecouch-creds --json")
-    text = stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    text = read_text(source, "the credentials file", stdin)
     try:
         data = json.loads(text)
         macid, password = int(data["MacID"]), data["password"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         if args.macid is not None and text.strip() and "\n" not in text.strip():
             return args.macid, text.strip()          # a bare password on stdin
-        raise OperatorError('expected {"MacID": ..., "password": ...} as himbeerecouch-creds --json prints') from None
+        name = "stdin" if source == "-" else source
+        raise OperatorError(f'{name} does not hold {{"MacID": ..., "password": ...}} as '
+                            "himbeerecouch-creds --json prints it") from None
     if args.macid is not None and args.macid != macid:
         raise OperatorError(f"the credentials are for MacID {macid}, not {args.macid}")
     if not isinstance(password, str) or not password:
-        raise OperatorError("the password is empty")
+        raise OperatorError("the password must be a string that is not empty")
     return macid, password
 
 
@@ -207,19 +250,18 @@ def _modules(pairs: list[str], option: str) -> dict[str, str]:
         name, sep, file = pair.partition("=")
         if not sep or not name.isidentifier():
             raise OperatorError(f"{option} wants NAME=FILE with NAME a Python module name, not {pair!r}")
-        modules[name] = _read_source(file)
+        modules[name] = _read_source(file, "the module file")
     return modules
 
 
-def _read_source(file: str) -> str:
-    try:
-        source = Path(file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise OperatorError(f"cannot read {file}: {error}") from None
+def _read_source(file: str, what: str = "the program file") -> str:
+    source = read_text(file, what)
     try:
         compile(source, file, "exec")
     except SyntaxError as error:
         raise OperatorError(f"{file} line {error.lineno}: {error.msg}") from None
+    except ValueError as error:                     # a NUL byte: compile() refuses the source
+        raise OperatorError(f"{file} is not Python source: {error}") from None
     return source
 
 
@@ -435,15 +477,44 @@ def add_subcommands(commands) -> None:
     status.add_argument("--json", action="store_true", help="the status documents as JSON")
 
 
+def server_error(error: BaseException, server: str, user: str | None) -> str:
+    """What went wrong between us and the server, saying each thing once: which server, who we
+    were, and the server's own reason."""
+    import requests
+    from .couch import describe_error
+    if isinstance(error, requests.exceptions.SSLError):
+        return f"{server}: {describe_error(error)}"
+    if isinstance(error, requests.exceptions.ConnectionError):
+        reason = re.findall(r"\[Errno -?\d+\] ([^'\")\]]+)", str(error))
+        return f"cannot reach {server}" + (f": {reason[-1].strip()}" if reason else "")
+    if isinstance(error, requests.exceptions.Timeout):
+        return f"{server} did not answer in time"
+    detail = error.args[0] if error.args else None
+    if isinstance(detail, dict) and detail.get("error") in ("unauthorized", "forbidden"):
+        who = f"user {user}" if user else "anonymous access (no user given)"
+        reason = str(detail.get("reason") or detail["error"]).strip()
+        return f"the server {server} refused {who}: {reason}"
+    return f"the server {server} answered: {describe_error(error)}"
+
+
 def run_operator_command(args: argparse.Namespace) -> int:
-    from .couch import CONNECTION_ERRORS, describe_error, redact
+    from .couch import CONNECTION_ERRORS, redact
+    # `cmd` passes on the command's own exit status, so its own failures get one of their own.
+    usage, trouble = (args.failure_exit, args.failure_exit) if getattr(args, "failure_exit", None) else (2, 1)
+    connection = None
     try:
         connection = resolve_connection(args)
         return args.func(args, connection)
     except OperatorError as error:
         print(f"himbeerecouch {args.command}: {error}", file=sys.stderr)
-        return 2
+        return usage
     except CONNECTION_ERRORS as error:
-        where = redact(args.server or os.environ.get("COUCHDB_URL") or "the server")
-        print(f"himbeerecouch {args.command}: {where}: {describe_error(error)}", file=sys.stderr)
-        return 1
+        if connection is None:                      # before any request: the URL itself
+            print(f"himbeerecouch {args.command}: the server URL is not valid: {error}", file=sys.stderr)
+            return usage
+        message = server_error(error, redact(connection.server), connection.user)
+        print(f"himbeerecouch {args.command}: {message}", file=sys.stderr)
+        return trouble
+    except KeyboardInterrupt:
+        print(f"\nhimbeerecouch {args.command}: interrupted", file=sys.stderr)
+        return 130

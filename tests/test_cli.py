@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from support import DEVICE_MACID, marker_program, starts, wait_for
+from support import DEVICE_MACID, free_port, marker_program, starts, wait_for
 
 
 def run(*args):
@@ -151,3 +151,73 @@ def test_broadcast_refuses_a_url_with_a_password():
                  "--address", "127.0.0.1", "--port", "9")
     assert result.returncode == 2 and "user:password@" in result.stderr
     assert "hunter2" not in result.stderr + result.stdout
+
+
+# ---- operator commands: what they read, and a server that is not there ----------------------
+
+def operator(*args, input=None, **env):
+    """An operator command whose server does not listen: everything here fails before, or at,
+    the first request."""
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith("COUCHDB_") and k != "HIMBEERECOUCH_ADMIN_CONFIG"}
+    environment.update({"HOME": "/nonexistent", "COUCHDB_URL": f"http://127.0.0.1:{free_port()}",
+                        "COUCHDB_USER": "admin", "COUCHDB_PASSWORD": "secret", **env})
+    result = subprocess.run([sys.executable, "-m", "himbeerecouch", *args], capture_output=True, text=True,
+                            input=input, env=environment, timeout=30)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def test_unreadable_files_are_one_clear_line_each(tmp_path):
+    missing = tmp_path / "missing.json"
+    assert operator("add-device", "--from", str(missing)).stderr == (
+        f"himbeerecouch add-device: cannot read the credentials file {missing}: No such file or directory\n")
+    result = operator("add-device", "--from", str(tmp_path))
+    assert (result.returncode, result.stderr) == (
+        2, f"himbeerecouch add-device: cannot read the credentials file {tmp_path}: Is a directory\n")
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe junk")
+    result = operator("add-device", "--from", str(binary))
+    assert (result.returncode, result.stderr) == (
+        2, f"himbeerecouch add-device: the credentials file {binary} is not UTF-8 text (byte 0)\n")
+    result = operator("add-device", "--from", "-", input="not json")
+    assert result.returncode == 2 and result.stderr.startswith("himbeerecouch add-device: stdin does not hold ")
+    result = operator("push", "1", str(tmp_path / "prog.py"))
+    assert (result.returncode, result.stderr) == (
+        2, f"himbeerecouch push: cannot read the program file {tmp_path / 'prog.py'}: No such file or directory\n")
+    nul = tmp_path / "nul.py"
+    nul.write_bytes(b"def main():\n    pass\0\n")
+    result = operator("push", "1", str(nul))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and str(nul) in result.stderr
+    result = operator("status", "--password-file", str(binary))
+    assert (result.returncode, result.stderr) == (
+        2, f"himbeerecouch status: the password file {binary} is not UTF-8 text (byte 0)\n")
+    result = operator("status", "--ca-file", str(missing), COUCHDB_URL="https://127.0.0.1:9")
+    assert (result.returncode, result.stderr) == (
+        2, f"himbeerecouch status: cannot read the CA file {missing}: No such file or directory\n")
+
+
+def test_a_bad_operator_config_file_is_one_clear_line(tmp_path):
+    config = tmp_path / "admin.conf"
+    config.write_text("server = http://couch.example:5984\n")
+    result = operator("status", "--admin-config", str(config))
+    assert (result.returncode, result.stderr) == (
+        2, f"himbeerecouch status: the operator config file {config} is not valid INI: line 1: a key "
+           "before any [section] header\n")
+    config.write_text("[himbeerecouch-admin]\nserver = a\nserver = b\n")
+    assert operator("status", "--admin-config", str(config)).stderr == (
+        f"himbeerecouch status: the operator config file {config} is not valid INI: line 3: key server "
+        "twice in [himbeerecouch-admin]\n")
+    config.write_bytes(b"[himbeerecouch-admin]\nuser = J\xf6rg\n")
+    assert operator("status", "--admin-config", str(config)).stderr == (
+        f"himbeerecouch status: the operator config file {config} is not UTF-8 text (byte 30)\n")
+    result = operator("status", "--admin-config", str(tmp_path / "nope.conf"))
+    assert (result.returncode, result.stderr) == (
+        2, f"himbeerecouch status: the operator config file {tmp_path / 'nope.conf'} does not exist\n")
+
+
+def test_a_server_that_is_not_there_is_named_once():
+    port = free_port()
+    result = operator("status", COUCHDB_URL=f"http://admin:secret@127.0.0.1:{port}")
+    assert (result.returncode, result.stderr) == (
+        1, f"himbeerecouch status: cannot reach http://127.0.0.1:{port}: Connection refused\n")

@@ -20,16 +20,22 @@ PI = 202481596538417
 OTHER = 202481596538418
 
 
-def hc(*args, user=ADMIN, input=None, server=None, timeout=60, couch=None):
-    env = {**os.environ, "COUCHDB_URL": server or couch.url}
-    env.pop("HIMBEERECOUCH_ADMIN_CONFIG", None)
+def operator_env(user=ADMIN, server=None, couch=None) -> dict:
+    """The environment of an operator command: server and credentials from COUCHDB_* only
+    (server=False: no COUCHDB_URL, for a test that names it otherwise)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HIMBEERECOUCH_ADMIN_CONFIG", "COUCHDB_URL", "COUCHDB_USER", "COUCHDB_PASSWORD",
+                        "COUCHDB_DATABASE", "COUCHDB_CA_FILE")}
+    if server is not False:
+        env["COUCHDB_URL"] = server or couch.url
     if user:
         env["COUCHDB_USER"], env["COUCHDB_PASSWORD"] = user
-    else:
-        env.pop("COUCHDB_USER", None)
-        env.pop("COUCHDB_PASSWORD", None)
+    return env
+
+
+def hc(*args, user=ADMIN, input=None, server=None, timeout=60, couch=None):
     return subprocess.run([sys.executable, "-m", "himbeerecouch", *args], capture_output=True, text=True,
-                          input=input, env=env, timeout=timeout)
+                          input=input, env=operator_env(user, server, couch), timeout=timeout)
 
 
 @pytest.fixture
@@ -177,5 +183,29 @@ def test_passwords_stay_out_of_arguments_and_output(couch, fleet_db, tmp_path):
     result = hc("status", "--database", admin.db, user=deployer, couch=couch)
     assert deployer[1] not in result.stdout + result.stderr
     wrong = hc("status", "--database", admin.db, user=(deployer[0], "wrong-password"), couch=couch)
-    assert wrong.returncode == 1 and "refused our credentials" in wrong.stderr
+    assert wrong.returncode == 1 and f"refused user {deployer[0]}: " in wrong.stderr
     assert "wrong-password" not in wrong.stderr
+
+
+def test_add_device_and_push_refuse_unreadable_files_in_one_line(couch, fleet_db, tmp_path):
+    admin, deployer = fleet_db
+    missing = tmp_path / "missing.json"
+    result = hc("add-device", "--database", admin.db, "--from", str(missing), couch=couch)
+    assert (result.returncode, result.stderr) == (
+        2, f"himbeerecouch add-device: cannot read the credentials file {missing}: No such file or directory\n")
+    garbage = tmp_path / "creds.json"
+    garbage.write_text("MacID: 1\n")
+    result = hc("add-device", "--database", admin.db, "--from", str(garbage), couch=couch)
+    assert (result.returncode, result.stderr) == (2, f'himbeerecouch add-device: {garbage} does not hold '
+                                                     '{"MacID": ..., "password": ...} as himbeerecouch-creds '
+                                                     '--json prints it\n')
+    result = hc("add-device", "--database", admin.db, "--from", "-", input="{", couch=couch)
+    assert result.returncode == 2 and "stdin does not hold" in result.stderr
+    program = tmp_path / "prog.py"
+    program.write_text("def main():\n    pass\n")
+    result = hc("push", str(PI), str(program), "--module", f"helper={tmp_path / 'helper.py'}", "--database",
+                admin.db, user=deployer, couch=couch)
+    assert (result.returncode, result.stderr) == (
+        2, f"himbeerecouch push: cannot read the module file {tmp_path / 'helper.py'}: No such file or directory\n")
+    assert admin.get(f"code:{PI}:prog") is None
+
