@@ -1,4 +1,4 @@
-"""Operator commands: setup-db, add-device, push, cmd, status (subcommands of `himbeerecouch`).
+"""Operator commands: setup-db, add-device, add-user, push, cmd, status (subcommands of `himbeerecouch`).
 
 Where the server and the operator's credentials come from, first found wins:
   options (--server, --database, --user, --ca-file, --password-file),
@@ -242,6 +242,102 @@ def add_device(users: Database, macid: int, password: str) -> str:
     raise OperatorError(f"the user {macid} keeps changing on the server; try again")
 
 
+# ---- add-user -------------------------------------------------------------------------------
+
+def check_roles(roles: list[str]) -> list[str]:
+    """The roles of a person or tool: deployer (writes code and commands) or the site's own
+    (read only, through the database's members); never a device's or CouchDB's own."""
+    checked: list[str] = []
+    for role in roles:
+        if not role or role != role.strip():
+            raise OperatorError(f"{role!r} is not a role name")
+        if role.startswith("_"):
+            raise OperatorError(f"role {role}: names starting with _ are CouchDB's own")
+        if role == security.DEVICE_ROLE:
+            raise OperatorError(f"role {role} is for devices: use himbeerecouch add-device MACID")
+        if role not in checked:
+            checked.append(role)
+    return checked
+
+
+def read_new_password(args: argparse.Namespace, stdin: TextIO) -> str | None:
+    """The new user's password, never from argv: generated (printed once), from stdin
+    (--password-stdin) or asked twice on a terminal; None with --keep-password."""
+    if args.keep_password:
+        return None
+    if args.generate_password:
+        from .credentials import random_password
+        return random_password()
+    if args.password_stdin:
+        text = read_text("-", "the password on", stdin)
+        password = text[:-1] if text.endswith("\n") else text
+        password = password[:-1] if password.endswith("\r") else password
+        if "\n" in password:
+            raise OperatorError("--password-stdin reads one line; stdin holds several")
+    elif stdin.isatty():
+        password = _prompt(f"new password for {args.name}: ")
+        if password and _prompt("the same password again: ") != password:
+            raise OperatorError("the two passwords differ; nothing changed")
+    else:
+        raise OperatorError("no password: stdin is not a terminal; give --password-stdin (the "
+                            "password as one line on stdin) or --generate-password")
+    if not password:
+        raise OperatorError("the password is empty; nothing changed")
+    return password
+
+
+def add_user(users: Database, db: Database, name: str, roles: list[str],
+             password: str | None) -> list[str]:
+    """Create or update the CouchDB user `name` with `roles` added to those it has, and make
+    each role a member of `db`; lists what was done. password None: keep the user's own."""
+    from .couch import Conflict
+    if not db.exists():
+        raise OperatorError(f"there is no database {db.name}: run himbeerecouch setup-db first")
+    doc_id = f"org.couchdb.user:{name}"
+    for _ in range(3):
+        current = users.get(doc_id)
+        if current is None and password is None:
+            raise OperatorError(f"there is no user {name} whose password could be kept")
+        had = [role for role in (current or {}).get("roles", []) if isinstance(role, str)]
+        doc = {**(current or {}), "_id": doc_id, "name": name, "type": "user",
+               "roles": had + [role for role in roles if role not in had]}
+        if password is not None:
+            doc["password"] = password
+        try:
+            users.put(doc)
+        except Conflict:
+            continue
+        break
+    else:
+        raise OperatorError(f"the user {name} keeps changing on the server; try again")
+    added = [role for role in roles if role not in had]
+    done = [f"{'updated' if current else 'created'} CouchDB user {name} with role"
+            f"{'s' if len(doc['roles']) != 1 else ''} {', '.join(doc['roles']) or '(none)'}"
+            + (f" ({', '.join(added)} added)" if current and added else "")
+            + ("; password kept" if password is None else "")]
+    done += _grant(db, roles)
+    return done
+
+
+def _grant(db: Database, roles: list[str]) -> list[str]:
+    """Make each role a member of the database (nothing of the site's is removed)."""
+    current = db.security()
+    members = (current or {}).get("members") or {}
+    if not members.get("names") and not members.get("roles"):
+        # No members: the database is open to every user. A member role would close it to all
+        # others, which is setup-db's decision to make, not this command's.
+        return [f"database {db.name} has no members, so every user may read it; "
+                "himbeerecouch setup-db restricts it"]
+    missing = [role for role in roles if role not in (members.get("roles") or [])]
+    if not missing:
+        return []
+    wanted = json.loads(json.dumps(current))
+    wanted["members"].setdefault("roles", []).extend(missing)
+    db.set_security(wanted)
+    return [f"added role{'s' if len(missing) > 1 else ''} {', '.join(missing)} to the members of "
+            f"database {db.name}"]
+
+
 # ---- push -----------------------------------------------------------------------------------
 
 def _modules(pairs: list[str], option: str) -> dict[str, str]:
@@ -410,6 +506,21 @@ def cmd_push(args: argparse.Namespace, connection: Connection) -> int:
     return 0
 
 
+def cmd_add_user(args: argparse.Namespace, connection: Connection) -> int:
+    if not args.name or args.name.startswith("_") or ":" in args.name:
+        raise OperatorError(f"{args.name!r} cannot be a CouchDB user name (empty, a leading _, or a colon)")
+    roles = check_roles(args.role or [security.DEPLOYER_ROLE])
+    db = connection.open()
+    if not db.exists():                             # before the password is asked for
+        raise OperatorError(f"there is no database {db.name}: run himbeerecouch setup-db first")
+    password = read_new_password(args, sys.stdin)
+    for line in add_user(db.sibling("_users"), db, args.name, roles, password):
+        print(line)
+    if args.generate_password:
+        print(f"password: {password}")
+    return 0
+
+
 def cmd_cmd(args: argparse.Namespace, connection: Connection) -> int:
     if not args.argv:
         raise OperatorError("give the command after --, e.g. himbeerecouch cmd 123 -- uname -a")
@@ -451,6 +562,24 @@ def add_subcommands(commands) -> None:
     device.add_argument("password", nargs="?", help="the device's password (visible in process listings)")
     device.add_argument("--from", dest="from_file", metavar="FILE",
                         help="read himbeerecouch-creds --json output from FILE (- for stdin)")
+    user = command("add-user", cmd_add_user, "create or update the CouchDB user of a person or tool",
+                   "Create or update a CouchDB user for a person or a tool, add the roles given to "
+                   "those it has (none is removed), and make each role a member of the database. "
+                   "Role deployer (the default) may write code and command documents (push, cmd); "
+                   "any other role of the site (e.g. viewer) may read the database (status) and write "
+                   "nothing. The password never is an argument: it is asked twice on a terminal, "
+                   "read from stdin (--password-stdin) or made up (--generate-password). Needs a "
+                   "server admin.")
+    user.add_argument("name", help="the CouchDB user name")
+    user.add_argument("--role", action="append", metavar="ROLE",
+                      help=f"a role to add (repeatable; default {security.DEPLOYER_ROLE})")
+    source = user.add_mutually_exclusive_group()
+    source.add_argument("--password-stdin", action="store_true",
+                        help="read the password from stdin (one line)")
+    source.add_argument("--generate-password", action="store_true",
+                        help="make up a password (20 characters) and print it, once")
+    source.add_argument("--keep-password", action="store_true",
+                        help="an existing user keeps its password; only roles are added")
     push_parser = command("push", cmd_push, "store a program for a device",
                           "Create or update the code document of a program for a device. The "
                           "document keeps its _rev and every field this command does not manage.")

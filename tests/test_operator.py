@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -38,19 +40,40 @@ def hc(*args, user=ADMIN, input=None, server=None, timeout=60, couch=None):
                           input=input, env=operator_env(user, server, couch), timeout=timeout)
 
 
+def add_user(couch, db, name, *options, password="user-secret"):
+    return hc("add-user", name, "--database", db, "--password-stdin", *options, input=password + "\n", couch=couch)
+
+
+def user_session(name, password) -> requests.Session:
+    session = requests.Session()
+    session.auth = (name, password)
+    return session
+
+
 @pytest.fixture
 def fleet_db(couch):
-    """A database set up by setup-db, with a deployer user."""
+    """A database set up by setup-db, with a deployer user made by add-user."""
     name = f"fleet_{uuid.uuid4().hex[:10]}"
     result = hc("setup-db", "--database", name, couch=couch)
     assert result.returncode == 0, result.stderr
     admin = AdminClient(couch.url, name)
     deployer = ("deployer-" + name, "deploy-secret")
-    url = f"{couch.url}/_users/org.couchdb.user:{deployer[0]}"
-    response = admin.http.put(url, json={"name": deployer[0], "password": deployer[1], "type": "user",
-                                         "roles": ["deployer"]}, timeout=10)
-    assert response.status_code in (201, 202), response.text
-    return admin, deployer
+    made = add_user(couch, name, deployer[0], password=deployer[1])
+    assert made.returncode == 0, made.stderr
+    yield admin, deployer
+    forget_users(couch, deployer[0])
+    admin.http.delete(admin.url(), timeout=30)
+
+
+def forget_users(couch, *names) -> None:
+    """Remove users a test made (a server named by HIMBEERECOUCH_TEST_URL keeps nothing)."""
+    http = requests.Session()
+    http.auth = ADMIN
+    for name in names:
+        url = f"{couch.url}/_users/org.couchdb.user:{name}"
+        current = http.get(url, timeout=10)
+        if current.status_code == 200:
+            http.delete(url, params={"rev": current.json()["_rev"]}, timeout=10)
 
 
 def device_session(couch, admin, state_dir, macid) -> tuple[requests.Session, str]:
@@ -208,4 +231,135 @@ def test_add_device_and_push_refuse_unreadable_files_in_one_line(couch, fleet_db
     assert (result.returncode, result.stderr) == (
         2, f"himbeerecouch push: cannot read the module file {tmp_path / 'helper.py'}: No such file or directory\n")
     assert admin.get(f"code:{PI}:prog") is None
+
+
+# ---- add-user ---------------------------------------------------------------------------------
+
+def test_add_user_makes_a_deployer_who_may_write_code_and_commands_and_a_device_may_not(couch, fleet_db, tmp_path):
+    admin, _ = fleet_db
+    name = f"alice-{uuid.uuid4().hex[:8]}"
+    made = add_user(couch, admin.db, name, "--role", "deployer", password="alice-secret")
+    try:
+        assert made.returncode == 0, made.stderr
+        assert made.stdout == f"created CouchDB user {name} with role deployer\n"
+        assert "alice-secret" not in made.stdout + made.stderr
+        alice = user_session(name, "alice-secret")
+        device, _ = device_session(couch, admin, tmp_path / "pi", PI)
+        for session, expected in ((alice, 201), (device, 403)):
+            suffix = "a" if session is alice else "d"
+            code = {"_id": f"code:{PI}:{suffix}", "type": PI, "code": "def main(): pass"}
+            command = {"_id": f"cmd:{PI}:{suffix}", "type": f"{PI}_cmd", "cmd": ["true"]}
+            for doc in (code, command):
+                response = session.put(admin.url(doc["_id"]), json=doc, timeout=10)
+                assert response.status_code == expected, (session.auth[0], doc["_id"], response.text)
+        assert admin.get(f"code:{PI}:a") and admin.get(f"cmd:{PI}:a")
+        assert admin.get(f"code:{PI}:d") is None and admin.get(f"cmd:{PI}:d") is None
+        # The same command again updates the user: a new password, the roles kept.
+        again = add_user(couch, admin.db, name, password="new-secret")
+        assert again.returncode == 0 and again.stdout == f"updated CouchDB user {name} with role deployer\n"
+        assert user_session(name, "new-secret").get(admin.url(), timeout=10).status_code == 200
+        assert alice.get(admin.url(), timeout=10).status_code == 401
+    finally:
+        forget_users(couch, name)
+
+
+def test_add_user_other_roles_read_only_and_a_refusal_says_each_thing_once(couch, fleet_db, tmp_path):
+    admin, deployer = fleet_db
+    name = f"dashboard-{uuid.uuid4().hex[:8]}"
+    try:
+        made = add_user(couch, admin.db, name, "--role", "viewer", password="view-secret")
+        assert made.returncode == 0, made.stderr
+        assert made.stdout == (f"created CouchDB user {name} with role viewer\n"
+                               f"added role viewer to the members of database {admin.db}\n")
+        roles = admin.http.get(admin.url("_security"), timeout=10).json()["members"]["roles"]
+        assert roles[-1] == "viewer" and {"raspberry", "deployer"} < set(roles)   # added, nothing removed
+        viewer = (name, "view-secret")
+        assert json.loads(hc("status", "--json", "--database", admin.db, user=viewer, couch=couch).stdout) == []
+        # The server comes from the operator's file only: the message names it once.
+        config = tmp_path / "admin.conf"
+        config.write_text(f"[himbeerecouch-admin]\nserver = {couch.url}\ndatabase = {admin.db}\n")
+        program = tmp_path / "prog.py"
+        program.write_text("def main():\n    pass\n")
+        refused = hc("push", "--admin-config", str(config), str(PI), str(program), user=viewer, server=False,
+                     couch=couch)
+        assert refused.returncode == 1
+        assert refused.stderr == (f"himbeerecouch push: the server {couch.url} refused user {name}: "
+                                  "only deployers and devices may write to this database\n")
+        # --keep-password: roles added to an existing user, its password unchanged.
+        kept = hc("add-user", deployer[0], "--role", "viewer", "--keep-password", "--database", admin.db,
+                  couch=couch)
+        assert kept.returncode == 0, kept.stderr
+        assert kept.stdout == (f"updated CouchDB user {deployer[0]} with roles deployer, viewer (viewer added); "
+                               "password kept\n")
+        assert user_session(*deployer).get(admin.url(), timeout=10).status_code == 200
+    finally:
+        forget_users(couch, name)
+
+
+def test_add_user_passwords_never_in_arguments(couch, fleet_db):
+    admin, _ = fleet_db
+    name = f"ci-{uuid.uuid4().hex[:8]}"
+    try:
+        # Not a terminal and no option: nothing is made.
+        refused = hc("add-user", name, "--database", admin.db, couch=couch)
+        assert (refused.returncode, refused.stderr) == (2, (
+            "himbeerecouch add-user: no password: stdin is not a terminal; give --password-stdin "
+            "(the password as one line on stdin) or --generate-password\n"))
+        assert hc("add-user", name, "--keep-password", "--database", admin.db, couch=couch).stderr == (
+            f"himbeerecouch add-user: there is no user {name} whose password could be kept\n")
+        for wrong in (["--role", "raspberry"], ["--role", "_admin"]):
+            assert hc("add-user", name, *wrong, "--generate-password", "--database", admin.db,
+                      couch=couch).returncode == 2
+        assert user_session(name, "x").get(f"{couch.url}/_session", timeout=10).status_code == 401
+        # A made-up password, printed once.
+        made = hc("add-user", name, "--generate-password", "--database", admin.db, couch=couch)
+        assert made.returncode == 0, made.stderr
+        first, second = made.stdout.splitlines()
+        assert first == f"created CouchDB user {name} with role deployer" and second.startswith("password: ")
+        password = second.removeprefix("password: ")
+        assert len(password) == 20 and password not in made.stderr
+        assert user_session(name, password).get(admin.url(), timeout=10).status_code == 200
+    finally:
+        forget_users(couch, name)
+
+
+def test_add_user_asks_twice_on_a_terminal(couch, fleet_db):
+    admin, _ = fleet_db
+    name = f"bob-{uuid.uuid4().hex[:8]}"
+
+    def on_terminal(*answers):
+        master, slave = os.openpty()
+        process = subprocess.Popen([sys.executable, "-m", "himbeerecouch", "add-user", name, "--database", admin.db],
+                                   stdin=slave, stdout=subprocess.PIPE, stderr=slave, text=True,
+                                   env=operator_env(couch=couch), start_new_session=True)
+        os.close(slave)
+        screen = b""
+        try:
+            for prompt, answer in zip((b"new password for", b"the same password again"), answers):
+                deadline = time.monotonic() + 30
+                while prompt not in screen and time.monotonic() < deadline:
+                    if select.select([master], [], [], 1)[0]:
+                        screen += os.read(master, 1024)
+                assert prompt in screen, screen
+                os.write(master, answer.encode() + b"\n")
+            out, _ = process.communicate(timeout=30)
+            while select.select([master], [], [], 0.2)[0]:
+                try:
+                    screen += os.read(master, 1024)
+                except OSError:
+                    break
+        finally:
+            os.close(master)
+        return process.returncode, out, screen.decode(errors="replace")
+
+    try:
+        code, out, screen = on_terminal("one-secret", "another-secret")
+        assert code == 2 and "the two passwords differ; nothing changed" in screen, screen
+        assert hc("add-user", name, "--keep-password", "--database", admin.db, couch=couch).returncode == 2
+        code, out, screen = on_terminal("typed-secret", "typed-secret")
+        assert code == 0 and out == f"created CouchDB user {name} with role deployer\n", screen
+        assert "typed-secret" not in out + screen                      # not echoed
+        assert user_session(name, "typed-secret").get(admin.url(), timeout=10).status_code == 200
+    finally:
+        forget_users(couch, name)
 
