@@ -13,8 +13,8 @@ import threading
 
 
 class Relay:
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
         self.listener: socket.socket | None = None
         self.port = 0
         self.frozen = False

@@ -35,6 +35,11 @@ def _admin_from(url: str) -> tuple[str, str]:
 ADMIN = _admin_from(TEST_URL) if TEST_URL else ("admin", "secret")
 
 
+def userinfo() -> str:
+    """ADMIN as a URL's `user:password` part."""
+    return f"{quote(ADMIN[0], safe='')}:{quote(ADMIN[1], safe='')}"
+
+
 def server_kind() -> str:
     """'pouchdb' or 'couchdb': what the tests' server is, for the tests that state a difference."""
     if TEST_URL:
@@ -109,7 +114,7 @@ class CouchServer:
 
     @property
     def admin_url(self) -> str:
-        return f"http://{quote(ADMIN[0], safe='')}:{quote(ADMIN[1], safe='')}@{self.host}:{self.port}"
+        return f"http://{userinfo()}@{self.host}:{self.port}"
 
     def start(self, timeout: float = 180.0) -> None:
         argv = [str(self.command), "--port", str(self.port), "--admin", ":".join(ADMIN)]

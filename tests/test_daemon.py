@@ -8,7 +8,7 @@ import time
 import pytest
 
 from support import marker_program, starts
-from support import wait_for
+from support import ADMIN, wait_for
 
 pytestmark = pytest.mark.integration
 MACID = 202481596538417
@@ -255,14 +255,14 @@ def test_sighup_with_new_credentials_restarts_the_programs_with_them(couch, admi
     admin.put({"_id": "other", "type": MACID, "code": marker_program(tmp_path, "other")})
     daemon = make_daemon()
     daemon.start()
-    daemon.wait_log("acct: account admin")
+    daemon.wait_log(f"acct: account {ADMIN[0]}")
     wait_for(lambda: starts(tmp_path, "other"), message="the other program")
     # The same server as another user: the programs' get_database() must use it too.
     daemon.signal(signal.SIGHUP)
     daemon.wait_log("SIGHUP: re-reading")
     time.sleep(0.5)
     assert len(starts(tmp_path, "acct")) == 1      # an unchanged configuration restarts nothing
-    daemon.settings["server"] = f"http://reader:pw2@127.0.0.1:{couch.port}"
+    daemon.settings["server"] = f"http://reader:pw2@{couch.host}:{couch.port}"
     daemon.write_config()
     daemon.signal(signal.SIGHUP)
     daemon.wait_log("acct: account reader")

@@ -11,7 +11,7 @@ from pycouchdb import exceptions as couch_errors
 from himbeerecouch.couch import Database
 from himbeerecouch.feed import FeedState, Follower, Snapshot, is_refusal
 from netproxy import Relay
-from support import ADMIN, marker_program, starts, wait_for
+from support import userinfo, marker_program, starts, wait_for
 
 pytestmark = pytest.mark.integration
 MACID = 202481596538417
@@ -26,13 +26,13 @@ APPLY_SECONDS = 5.0        # then the program restarts with the new code (a proc
 
 @pytest.fixture
 def relay(couch):
-    proxy = Relay(couch.port)
+    proxy = Relay(couch.port, couch.host)
     yield proxy
     proxy.close()
 
 
 def relay_url(relay: Relay) -> str:
-    return f"http://{ADMIN[0]}:{ADMIN[1]}@127.0.0.1:{relay.port}"
+    return f"http://{userinfo()}@127.0.0.1:{relay.port}"
 
 
 def test_a_server_back_after_a_long_outage_is_followed_within_seconds(admin, make_daemon, relay, tmp_path):

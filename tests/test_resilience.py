@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from support import marker_program, starts
-from support import ADMIN, AdminClient, CouchServer, DaemonProcess, free_port, wait_for
+from support import userinfo, AdminClient, CouchServer, DaemonProcess, free_port, wait_for
 from himbeerecouch.couch import Database
 from himbeerecouch.feed import Changed, Follower, Snapshot
 from netproxy import Relay
@@ -21,13 +21,13 @@ MACID = 202481596538417
 
 @pytest.fixture
 def relay(couch):
-    proxy = Relay(couch.port)
+    proxy = Relay(couch.port, couch.host)
     yield proxy
     proxy.close()
 
 
 def relay_url(relay) -> str:
-    return f"http://{ADMIN[0]}:{ADMIN[1]}@127.0.0.1:{relay.port}"
+    return f"http://{userinfo()}@127.0.0.1:{relay.port}"
 
 
 class NotifySocket:
@@ -224,5 +224,9 @@ def test_a_missing_database_is_named_and_retried(couch, admin, make_daemon, tmp_
     daemon.wait_log(f"database '{admin.db}_later' does not exist")
     later = AdminClient(couch.url, admin.db + "_later")
     later.create_db()
-    later.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "p")})
-    wait_for(lambda: starts(tmp_path, "p"), timeout=20, message="the program once the database exists")
+    try:
+        later.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "p")})
+        wait_for(lambda: starts(tmp_path, "p"), timeout=20, message="the program once the database exists")
+    finally:
+        daemon.stop()
+        later.drop_db()

@@ -9,7 +9,7 @@ import pytest
 
 from support import marker_program, starts
 from himbeerecouch.couch import Database
-from support import ADMIN, wait_for
+from support import ADMIN, userinfo, wait_for
 from tlsfront import TlsFront, make_pki
 
 pytestmark = pytest.mark.integration
@@ -23,20 +23,16 @@ def pki(tmp_path_factory):
 
 @pytest.fixture
 def front(couch, pki):
-    server = TlsFront(couch.port, pki["good"], pki["good_key"])
+    server = TlsFront(couch.port, pki["good"], pki["good_key"], couch.host)
     yield server
     server.close()
 
 
 @pytest.fixture
 def wrong_front(couch, pki):
-    server = TlsFront(couch.port, pki["wrong"], pki["wrong_key"])
+    server = TlsFront(couch.port, pki["wrong"], pki["wrong_key"], couch.host)
     yield server
     server.close()
-
-
-def userinfo() -> str:
-    return ":".join(ADMIN)
 
 
 def test_verification_survives_pycouchdb_sub_resources(pki):

@@ -34,8 +34,8 @@ def make_pki(folder: Path) -> dict[str, Path]:
 
 
 class TlsFront:
-    def __init__(self, target_port: int, certfile: Path, keyfile: Path) -> None:
-        self.target = ("127.0.0.1", target_port)
+    def __init__(self, target_port: int, certfile: Path, keyfile: Path, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(certfile, keyfile)
         self.listener = socket.create_server(("127.0.0.1", 0))
