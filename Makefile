@@ -20,11 +20,12 @@ ci:
 # Debian package (README.md, "Debian package").
 .PHONY: deb pycouchdb-deb package-test
 
-# dist/himbeerecouch_<version>_all.deb, with dpkg-buildpackage -us -uc -b.
+# dist/himbeerecouch_<version>_all.deb and the source package (.dsc, .tar.xz), with
+# dpkg-buildpackage -us -uc.
 deb:
 	scripts/build-deb
 
-# dist/python3-pycouchdb_<version>_all.deb from the same pinned pycouchdb release, with stdeb,
+# dist/python3-pycouchdb_<version>_all.deb from the same pycouchdb release (vendor/pycouchdb/), with stdeb,
 # for sites that prefer a system-wide pycouchdb (it then wins over the .deb's private copy).
 pycouchdb-deb:
 	scripts/build-pycouchdb-deb

@@ -41,6 +41,14 @@ def timed(label: str, timings: dict, function, *args, **kwargs):
 
 # ---- the build ------------------------------------------------------------------------------
 
+def export_checkout(ref: str, dest: Path) -> None:
+    """The files of a commit (git archive), as a clean checkout without .git, build/ or dist/."""
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref],
+                             stdout=subprocess.PIPE, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+
+
 class Build:
     """`make deb` on a clean checkout (git archive of a commit, HEAD by default)."""
 
@@ -50,20 +58,19 @@ class Build:
         self.src = workdir / "src"
         self.version = ""
         self.deb: Path | None = None
+        self.dsc: Path | None = None
         self.changes: Path | None = None
         self.log = ""
 
     def run(self) -> None:
-        self.src.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", self.ref],
-                                 stdout=subprocess.PIPE, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(self.src)], input=archive, check=True)
-        env = dict(CLEAN_ENV, PYCOUCHDB_DIR=str(ROOT / ".cache" / "deb"))
-        result = run(["make", "deb"], cwd=self.src, env=env)
+        export_checkout(self.ref, self.src)
+        # Nothing from the host's caches: the source tree is all the build may use.
+        result = run(["make", "deb"], cwd=self.src, env=dict(CLEAN_ENV))
         self.log = result.stdout
         self.version = run(["dpkg-parsechangelog", "-l", "debian/changelog", "-S", "Version"],
                            cwd=self.src).stdout.strip()
         self.deb = self.src / "dist" / f"himbeerecouch_{self.version}_all.deb"
+        self.dsc = self.src / "dist" / f"himbeerecouch_{self.version}.dsc"
         self.changes = next((self.src / "build" / "deb").glob(f"himbeerecouch_{self.version}_*.changes"))
 
     def upgraded_deb(self, suffix: str = "+pkgtest1") -> Path:

@@ -1,18 +1,37 @@
-"""The .deb: built from a clean checkout, lintian-clean, with the contents the issue asks for."""
+"""The .deb and its source package: built from a clean checkout, complete (the source package alone
+builds offline), lintian-clean, with the contents the issue asks for."""
 from __future__ import annotations
 
 import hashlib
 import re
-import zipfile
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from pkgtools import ROOT, run
+from pkgtools import CLEAN_ENV, ROOT, export_checkout, run
 
 pytestmark = pytest.mark.package_tier
 
-WHEEL = "pycouchdb-1.17.1-py3-none-any.whl"
+PRIVATE = Path("usr/lib/himbeerecouch/python")
+
+
+def pinned_sdist(src: Path) -> tuple[str, str]:
+    """(file name, sha256) of the pycouchdb sdist that debian/pycouchdb.sha256 pins."""
+    for line in (src / "debian" / "pycouchdb.sha256").read_text().splitlines():
+        digest, name = line.split()
+        if name.endswith(".tar.gz"):
+            return name, digest
+    raise AssertionError("debian/pycouchdb.sha256 pins no sdist")
+
+
+def deb_contents(deb: Path) -> list[str]:
+    return sorted(line.split()[-1] for line in run(["dpkg-deb", "-c", str(deb)]).stdout.splitlines())
+
+
+def deb_md5sums(deb: Path, where: Path) -> str:
+    run(["dpkg-deb", "-e", str(deb), str(where)])
+    return (where / "md5sums").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +69,86 @@ def test_lintian_overrides_are_commented():
         previous = line
 
 
-def test_private_pycouchdb_is_the_pinned_wheel(unpacked):
-    expected = dict(line.split()[::-1] for line in (ROOT / "debian" / "pycouchdb.sha256").read_text().splitlines())
-    wheel = ROOT / ".cache" / "deb" / WHEEL
-    assert hashlib.sha256(wheel.read_bytes()).hexdigest() == expected[WHEEL]
-    private = unpacked / "usr" / "lib" / "himbeerecouch" / "python"
-    with zipfile.ZipFile(wheel) as archive:
-        for name in archive.namelist():
-            if name.startswith("pycouchdb/"):
-                assert (private / name).read_bytes() == archive.read(name), name
+def test_private_pycouchdb_is_the_pinned_release(build, unpacked):
+    """The private copy is the vendored sdist's package, the sdist the one pinned."""
+    name, digest = pinned_sdist(build.src)
+    sdist = build.src / "vendor" / "pycouchdb" / name
+    assert hashlib.sha256(sdist.read_bytes()).hexdigest() == digest
+    private = unpacked / PRIVATE
+    base = name.removesuffix(".tar.gz")
+    with tarfile.open(sdist) as archive:
+        modules = {member.name.removeprefix(f"{base}/"): archive.extractfile(member).read()
+                   for member in archive.getmembers() if member.isfile() and member.name.startswith(f"{base}/pycouchdb/")}
+        metadata = archive.extractfile(f"{base}/PKG-INFO").read()
+    assert modules and "pycouchdb/__init__.py" in modules
+    for path, data in modules.items():
+        assert (private / path).read_bytes() == data, path
+    shipped = sorted(str(path.relative_to(private)) for path in private.rglob("*") if path.is_file())
+    assert shipped == sorted([*modules, f"{base}.dist-info/METADATA"]), shipped
+    assert (private / f"{base}.dist-info" / "METADATA").read_bytes() == metadata
     # Byte-code is made at installation (dh_python3's py3compile), not shipped.
     assert not list(unpacked.rglob("__pycache__"))
+
+
+def test_vendored_sdist_is_the_one_pypi_publishes(build):
+    """scripts/fetch-pycouchdb: the kept sdist, the pin and PyPI's published sha256 agree."""
+    result = run(["/usr/bin/python3", "scripts/fetch-pycouchdb", "--check"], cwd=build.src, env=dict(CLEAN_ENV),
+                 check=False, timeout=120)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout
+
+
+def test_copyright_patterns_match_files_of_the_source_package(build, source_tree):
+    """Every Files: pattern of debian/copyright names files that the source package has."""
+    text = (source_tree / "debian" / "copyright").read_text()
+    patterns = []
+    for paragraph in text.split("\n\n"):
+        match = re.search(r"^Files:((?:.*\n?)(?:[ \t].*\n?)*)", paragraph, re.MULTILINE)
+        if match:
+            patterns += match.group(1).split()
+    assert patterns and "*" in patterns
+    files = [str(path.relative_to(source_tree)) for path in source_tree.rglob("*") if path.is_file()]
+    for pattern in patterns:
+        # copyright-format 1.0: * matches any characters, slashes included; ? one character.
+        regex = re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern))
+        assert any(regex.fullmatch(name) for name in files), f"debian/copyright: Files: {pattern} matches no file"
+
+
+@pytest.fixture(scope="module")
+def source_tree(build, tmp_path_factory) -> Path:
+    """The source package of the clean checkout (dpkg-source -b, as dpkg-buildpackage -S makes it),
+    unpacked alone in a folder of its own (dpkg-source -x)."""
+    where = tmp_path_factory.mktemp("source")
+    tree = where / f"himbeerecouch-{build.version}"
+    export_checkout(build.ref, tree)
+    run(["dpkg-source", "-b", tree.name], cwd=where, env=dict(CLEAN_ENV))
+    alone = tmp_path_factory.mktemp("alone")
+    for path in where.glob(f"himbeerecouch_{build.version}*"):
+        (alone / path.name).write_bytes(path.read_bytes())
+    run(["dpkg-source", "-x", f"himbeerecouch_{build.version}.dsc", "himbeerecouch"], cwd=alone, env=dict(CLEAN_ENV))
+    return alone / "himbeerecouch"
+
+
+def test_make_deb_leaves_the_source_package_in_dist(build):
+    assert build.dsc.exists(), sorted(path.name for path in build.dsc.parent.iterdir())
+    assert f"himbeerecouch_{build.version}.tar.xz" in build.dsc.read_text()
+    assert (build.dsc.parent / f"himbeerecouch_{build.version}.tar.xz").exists()
+
+
+def test_source_package_alone_builds_offline(build, source_tree, tmp_path_factory, timings):
+    """dpkg-buildpackage on the unpacked source package, without network (its own network
+    namespace) and without any cache of the host (an empty HOME): the same .deb as `make deb`."""
+    from pkgtools import timed
+    home = tmp_path_factory.mktemp("home")
+    env = dict(CLEAN_ENV, HOME=str(home))
+    result = timed("build from the source package alone, offline", timings, run,
+                   ["unshare", "--net", "--", "dpkg-buildpackage", "-us", "-uc", "-b"],
+                   cwd=source_tree, env=env, check=False)
+    assert result.returncode == 0, result.stdout[-5000:]
+    deb = source_tree.parent / build.deb.name
+    assert f"./{PRIVATE}/pycouchdb/__init__.py" in deb_contents(deb)
+    assert deb_contents(deb) == deb_contents(build.deb)
+    assert deb_md5sums(deb, tmp_path_factory.mktemp("a")) == deb_md5sums(build.deb, tmp_path_factory.mktemp("b"))
 
 
 def test_package_layout(unpacked):

@@ -179,8 +179,7 @@ def story(request, build, workdir, couch, timings):
 @pytest.fixture(scope="session")
 def pycouchdb_deb(build) -> Path:
     """python3-pycouchdb built with stdeb by `make pycouchdb-deb` in the clean checkout."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root"),
-           "PYCOUCHDB_DIR": str(Path(__file__).resolve().parents[2] / ".cache" / "deb")}
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root")}
     run(["make", "pycouchdb-deb"], cwd=build.src, env=env)
     return next((build.src / "dist").glob("python3-pycouchdb_*_all.deb"))
 
