@@ -21,7 +21,7 @@ ci:
 .PHONY: deb pycouchdb-deb package-test
 
 # dist/himbeerecouch_<version>_all.deb and the source package (.dsc, .tar.xz), with
-# dpkg-buildpackage -us -uc.
+# dpkg-buildpackage -us -uc; installs the build dependencies first when they are missing.
 deb:
 	scripts/build-deb
 

@@ -336,6 +336,16 @@ def _swap_total() -> int:
     return 0
 
 
+def nspawn(root: Path, *cmd: str, network: bool = True, chdir: str = "/", check: bool = True,
+           timeout: float = 1800) -> subprocess.CompletedProcess:
+    """One command in a root with systemd-nspawn (not booted): /proc, /dev and a pty device as on a
+    machine; the host's network, or none (--private-network: loopback only)."""
+    return run(["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--pipe", f"--directory={root}",
+                f"--chdir={chdir}", *([] if network else ["--private-network"]), "/usr/bin/env", "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LC_ALL=C.UTF-8", *cmd],
+               check=check, timeout=timeout, env=CLEAN_ENV)
+
+
 def new_machine_id(root: Path) -> str:
     """What a cloned card in another Pi looks like off a Pi: another machine (and serial)."""
     machine_id = uuid.uuid4().hex
