@@ -133,7 +133,11 @@ def test_daemon_unit_contract(src):
     assert "WatchdogSec" in service and "TasksMax" in service
     assert "MemoryMax" in service or "MemoryHigh" in service
     assert "PrivateDevices" not in service, "programs drive GPIO, I2C and SPI devices"
-    assert "network-online.target" in unit["Unit"]["After"] and "network-online.target" in unit["Unit"]["Wants"]
+    # Built to run offline: no wait for an "online" network (a boot without one would wait for
+    # the wait-online timeout), only ordered after network.target (stopped before it at shutdown).
+    assert "network.target" in unit["Unit"]["After"].split()
+    dependencies = " ".join(unit["Unit"].get(key, "") for key in ("After", "Wants", "Requires", "BindsTo"))
+    assert "network-online.target" not in dependencies.split()
     assert unit["Unit"]["Documentation"]
     grace = float(_fields(src)["grace_seconds"])
     assert float(service["TimeoutStopSec"].rstrip("s")) > grace + 5, "TimeoutStopSec must outlast grace_seconds"
@@ -148,4 +152,6 @@ def test_firstboot_unit_contract(src):
     assert "--firstboot" in service["ExecStart"].split()
     before = unit["Unit"]["Before"].split()
     assert "himbeerecouch.service" in before and "getty-pre.target" in before
+    # It reads the interfaces' MAC addresses, which need no configured network.
+    assert not any("network" in unit["Unit"].get(key, "") for key in ("After", "Wants", "Requires"))
     assert unit["Unit"]["Documentation"]

@@ -263,6 +263,10 @@ class TestLifecycle:
                          message="himbeerecouch.service active")
         # Type=notify: "active (running)" means READY=1 was received; STATUS= is its summary.
         assert state["SubState"] == "running" and state["StatusText"], state
+        # It does not wait for an "online" network (it runs offline and retries the server itself).
+        dependencies = story.container.show("himbeerecouch.service", "After", "Wants", "Requires")
+        assert "network-online.target" not in " ".join(dependencies.values()).split(), dependencies
+        assert "network.target" in dependencies["After"].split(), dependencies
 
     def test_program_from_the_host_runs_in_the_container(self, story):
         info = story.wait_new_marker([])
