@@ -91,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         split = argv.index("--")
         argv, remote = argv[:split], argv[split + 1:]
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:
+        # `cmd` exits with the remote command's status; its own usage errors have one of their own.
+        if exit.code == 2 and argv[:1] == ["cmd"]:
+            raise SystemExit(admin.EXIT_NOT_RUN) from None
+        raise
     args.argv = remote
     if getattr(args, "operator", False):
         return admin.run_operator_command(args)

@@ -221,3 +221,8 @@ def test_a_server_that_is_not_there_is_named_once():
     result = operator("status", COUCHDB_URL=f"http://admin:secret@127.0.0.1:{port}")
     assert (result.returncode, result.stderr) == (
         1, f"himbeerecouch status: cannot reach http://127.0.0.1:{port}: Connection refused\n")
+    # cmd's own failures have a status of their own: the command was not sent.
+    result = operator("cmd", "1", "--", "true", COUCHDB_URL=f"http://127.0.0.1:{port}")
+    assert (result.returncode, result.stderr) == (
+        125, f"himbeerecouch cmd: cannot reach http://127.0.0.1:{port}: Connection refused\n")
+    assert operator("cmd", "1").returncode == 125                      # no command after --

@@ -363,3 +363,112 @@ def test_add_user_asks_twice_on_a_terminal(couch, fleet_db):
     finally:
         forget_users(couch, name)
 
+
+# ---- cmd: exit statuses, --cancel-after --------------------------------------------------------
+
+def hc_start(*args, user=ADMIN, couch=None) -> subprocess.Popen:
+    """An operator command that runs while the test does something else."""
+    return subprocess.Popen([sys.executable, "-m", "himbeerecouch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env=operator_env(user, None, couch))
+
+
+def fleet_daemon(couch, admin, make_daemon, macid=PI, **settings):
+    """A daemon for `macid` on the fleet database, logged in as its own device user."""
+    daemon = make_daemon(macid=macid, server=couch.url, **settings)
+    daemon.settings["database"] = admin.db
+    daemon.write_config()
+    device_session(couch, admin, daemon.state_dir, macid)
+    return daemon
+
+
+def command_docs(admin) -> list[dict]:
+    response = admin.http.post(admin.url("_find"), json={"selector": {"type": f"{PI}_cmd"}}, timeout=10)
+    return response.json()["docs"]
+
+
+def test_cmd_exit_statuses(couch, fleet_db, make_daemon, tmp_path):
+    admin, deployer = fleet_db
+    daemon = fleet_daemon(couch, admin, make_daemon)
+    daemon.start()
+
+    def cmd(*argv, options=()):
+        return hc("cmd", "--database", admin.db, *options, str(PI), "--", *argv, user=deployer, couch=couch)
+
+    assert cmd("true").returncode == 0
+    signalled = cmd("sh", "-c", "kill -TERM $$")
+    assert signalled.returncode == 128 + 15, signalled.stderr
+    missing = cmd("no-such-program-here")
+    assert missing.returncode == 127 and "No such file or directory" in missing.stderr
+    not_executable = cmd("/dev/null")
+    assert not_executable.returncode == 126 and "Permission denied" in not_executable.stderr
+    # A command claimed before --cancel-after ends runs, and its result is waited for.
+    claimed = cmd("sh", "-c", "sleep 2; echo ran", options=("--cancel-after", "1"))
+    assert (claimed.returncode, claimed.stdout) == (0, "ran\n"), claimed.stderr
+    assert not any(doc.get("error") == "withdrawn" for doc in command_docs(admin))
+    # Its own failures: 125, never a number a command may use for itself.
+    usage = hc("cmd", "--database", admin.db, "--bogus", str(PI), "--", "true", user=deployer, couch=couch)
+    assert usage.returncode == 125 and "unrecognized arguments: --bogus" in usage.stderr
+    assert cmd("true", options=("--timeout", "0")).returncode == 125
+    assert cmd("true", options=("--wait", "1", "--cancel-after", "5")).returncode == 125
+    refused = hc("cmd", "--database", admin.db, str(PI), "--", "true", user=(deployer[0], "wrong"), couch=couch)
+    assert refused.returncode == 125 and f"refused user {deployer[0]}" in refused.stderr
+    assert len(command_docs(admin)) == 5           # none of those was sent
+    # A command still running when the daemon stops is interrupted: its own status, 123.
+    running = hc_start("cmd", "--database", admin.db, str(PI), "--", "sleep", "30", user=deployer, couch=couch)
+    daemon.wait_log("running ['sleep', '30']")
+    daemon.stop()
+    out, err = running.communicate(timeout=60)
+    assert running.returncode == 123, err
+    assert "himbeerecouch cmd: interrupted" in err
+
+
+def test_cmd_not_run_when_the_device_cannot_record_it(couch, fleet_db, make_daemon, tmp_path):
+    admin, deployer = fleet_db
+    daemon = fleet_daemon(couch, admin, make_daemon)
+    (daemon.state_dir / "commands.json").mkdir(parents=True)      # the ledger cannot be written
+    daemon.start()
+    marker = tmp_path / "ran"
+    result = hc("cmd", "--database", admin.db, str(PI), "--", "touch", str(marker), user=deployer, couch=couch)
+    assert result.returncode == 125, result.stderr
+    assert "not run: cannot write the state dir" in result.stderr and not marker.exists()
+
+
+def test_cancel_after_withdraws_an_unclaimed_command_for_good(couch, fleet_db, make_daemon, tmp_path):
+    admin, deployer = fleet_db
+    marker = tmp_path / "ran"
+    started = time.monotonic()
+    result = hc("cmd", "--database", admin.db, "--cancel-after", "1", str(PI), "--", "touch", str(marker),
+                user=deployer, couch=couch)
+    assert result.returncode == 122, result.stderr
+    assert time.monotonic() - started < 20                 # not the 60 s of --wait
+    [doc] = command_docs(admin)
+    assert result.stderr == (f"himbeerecouch cmd: withdrawn: {PI} did not claim it within 1 s; it will not "
+                             f"run (document {doc['_id']})\n")
+    assert doc["error"] == "withdrawn" and doc["ret"][0] is None and "claimed" not in doc
+    # A Pi that comes online afterwards never runs it, but runs what comes next.
+    daemon = fleet_daemon(couch, admin, make_daemon)
+    daemon.start()
+    after = hc("cmd", "--database", admin.db, str(PI), "--", "echo", "next", user=deployer, couch=couch)
+    assert (after.returncode, after.stdout) == (0, "next\n"), after.stderr
+    time.sleep(1)
+    assert not marker.exists()
+    assert admin.get(doc["_id"]) == doc
+
+
+def test_withdrawal_and_claim_race_on_the_revision(couch, fleet_db):
+    from himbeerecouch.admin import withdraw
+    from himbeerecouch.couch import Conflict, Database
+    admin, _ = fleet_db
+    db = Database(couch.url, admin.db, credentials=ADMIN)
+    # The device claims first: the withdrawal, made with the unclaimed revision, changes nothing.
+    seen = db.put({"_id": "c1", "type": f"{PI}_cmd", "cmd": ["true"]})
+    claimed = db.put({**seen, "claimed": "2026-11-28T00:00:00.000Z"})
+    assert withdraw(db, seen, "withdrawn") is None
+    assert db.get("c1") == claimed
+    # The withdrawal comes first: the device's claim of that revision is refused, so it never runs.
+    seen = db.put({"_id": "c2", "type": f"{PI}_cmd", "cmd": ["true"]})
+    assert withdraw(db, seen, "withdrawn")["error"] == "withdrawn"
+    with pytest.raises(Conflict):
+        db.put({**seen, "claimed": "2026-11-28T00:00:00.000Z"})
+    assert "claimed" not in db.get("c2") and db.get("c2")["ret"] == [None, "withdrawn"]
