@@ -152,14 +152,16 @@ def test_source_package_alone_builds_offline(build, source_tree, tmp_path_factor
 
 
 def test_package_layout(unpacked):
-    for path in ["etc/himbeerecouch/himbeerecouch.conf", "lib/systemd/system/himbeerecouch.service",
-                 "lib/systemd/system/himbeerecouch-firstboot.service", "usr/lib/tmpfiles.d/himbeerecouch.conf",
+    for path in ["etc/himbeerecouch/himbeerecouch.conf", "usr/lib/systemd/system/himbeerecouch.service",
+                 "usr/lib/systemd/system/himbeerecouch-firstboot.service", "usr/lib/tmpfiles.d/himbeerecouch.conf",
                  "usr/bin/himbeerecouch", "usr/bin/himbeerecouch-creds",
                  "usr/share/man/man8/himbeerecouch.8.gz", "usr/share/man/man8/himbeerecouch-creds.8.gz",
                  "usr/lib/python3/dist-packages/himbeerecouch/__init__.py"]:
         assert (unpacked / path).exists(), path
     # /var/rspby comes from tmpfiles.d at installation and boot, not from the package.
     assert not (unpacked / "var").exists()
+    # Nothing under the aliased /lib (merged /usr): dpkg on Debian 13 could not remove its folders.
+    assert not (unpacked / "lib").exists()
     assert (unpacked / "DEBIAN" / "conffiles").read_text().split() == ["/etc/himbeerecouch/himbeerecouch.conf"]
     assert (unpacked / "usr/bin/himbeerecouch").read_text().startswith("#! /usr/bin/python3") or \
         (unpacked / "usr/bin/himbeerecouch").read_text().startswith("#!/usr/bin/python3")
