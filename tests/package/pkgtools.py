@@ -202,14 +202,16 @@ class Container:
     def console(self) -> str:
         return self.console_log.read_text(errors="replace") if self.console_log.exists() else ""
 
-    def exec(self, *cmd: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    def exec(self, *cmd: str, check: bool = True, timeout: float = 300,
+             input: str | None = None) -> subprocess.CompletedProcess:
         assert self.leader, "container not booted"
         return run(["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-n", "-p", "--",
                     "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8",
-                    "DEBIAN_FRONTEND=noninteractive", *cmd], check=check, timeout=timeout)
+                    "DEBIAN_FRONTEND=noninteractive", *cmd], check=check, timeout=timeout, input=input)
 
-    def sh(self, script: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        return self.exec("/bin/sh", "-c", script, check=check, timeout=timeout)
+    def sh(self, script: str, check: bool = True, timeout: float = 300,
+           input: str | None = None) -> subprocess.CompletedProcess:
+        return self.exec("/bin/sh", "-c", script, check=check, timeout=timeout, input=input)
 
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         out = self.exec("systemctl", "show", unit, "-p", ",".join(properties)).stdout

@@ -155,3 +155,11 @@ def test_firstboot_unit_contract(src):
     # It reads the interfaces' MAC addresses, which need no configured network.
     assert not any("network" in unit["Unit"].get(key, "") for key in ("After", "Wants", "Requires"))
     assert unit["Unit"]["Documentation"]
+
+
+def test_debconf_question_is_asked_at_priority_high(src):
+    """A person installing the package by hand is asked for the server (debconf's default
+    priority threshold is high); the lifecycle shows it with the teletype frontend."""
+    config = (src / "debian" / "himbeerecouch.config").read_text()
+    asked = re.findall(r"db_input (\w+) himbeerecouch/server(?![\w-])", config)
+    assert asked == ["high"], asked

@@ -1,6 +1,7 @@
 """The package's whole life in a clean Debian root: install with mmdebstrap, boot with
 systemd-nspawn, run a program pushed from the host, watchdog, stop, upgrade, the unit's memory
-limit, clone, remove, purge. One story per Debian release; each step builds on the previous one.
+limit, clone, remove, purge, installing again by hand and with a refused preseed, purge. One story
+per Debian release; each step builds on the previous one.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from support import ADMIN, AdminClient, wait_for
 pytestmark = [pytest.mark.package_tier, pytest.mark.incremental]
 
 PRESEEDED = "http://preseeded.invalid:5984"
+# What a person types, and what must never be kept: a password in a server URL.
+TYPED = "http://typed.invalid:5984"
+SECRET = "pkgtest-secret-4711"
 UNITS = ["himbeerecouch.service", "himbeerecouch-firstboot.service"]
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -79,6 +83,7 @@ class Story:
         self.container = Container(root, f"hbtest-{suite}", root.parent / f"console-{suite}.log")
         self.boots = 0
         self.password = ""
+        self.deb: Path | None = None
         self.rspby_uid: int | None = None
 
     def boot(self, timings: dict) -> str:
@@ -132,6 +137,21 @@ class Story:
     def active(self, unit: str) -> str:
         return self.container.exec("systemctl", "is-active", unit, check=False).stdout.strip()
 
+    def install_deb(self, *command: str, input: str | None = None):
+        """Install the built .deb inside the booted container with a command naming it as {deb}."""
+        deb = self.root / "root" / self.deb.name
+        shutil.copy(self.deb, deb)
+        try:
+            return self.container.exec(*(part.replace("{deb}", f"/root/{deb.name}") for part in command),
+                                       check=False, input=input)
+        finally:
+            deb.unlink()
+
+    def holding_the_secret(self) -> list[str]:
+        """Files of the root where the password of a refused URL would be kept."""
+        return run(["grep", "-rl", "-e", SECRET, str(self.root / "etc"), str(self.root / "var" / "cache" / "debconf"),
+                    str(self.root / "var" / "rspby"), str(self.root / "var" / "lib")], check=False).stdout.split()
+
     def status(self) -> dict:
         return self.admin.get(f"{self.macid}_heartbeat") or {}
 
@@ -175,6 +195,7 @@ def story(request, build, workdir, couch, timings):
     # A Pi's CPU serial does not change between boots; off a Pi the machine-id stands in for it.
     new_machine_id(root)
     result = Story(suite, root, admin, macid=0x02AB00000000 + SUITES.index(suite) + 1, couch=couch)
+    result.deb = build.deb
     # As an operator sets up a site: the database, its security object and validation.
     result.operator("setup-db")
     yield result
@@ -447,7 +468,7 @@ class TestLifecycle:
                            "| debconf-set-selections && dpkg-reconfigure -fnoninteractive himbeerecouch")
         assert story.var("server").read_text() == own
 
-    # ---- remove, purge -------------------------------------------------------------------
+    # ---- remove, purge, install again -----------------------------------------------------
 
     def test_remove_stops_everything_and_keeps_the_state(self, story):
         wait_for(lambda: story.rspby_processes(), 30, message="the daemon running before removal")
@@ -469,6 +490,44 @@ class TestLifecycle:
             state = story.container.show(unit, "ActiveState", "LoadState")
             assert state == {"ActiveState": "inactive", "LoadState": "not-found"}, (unit, state)
             assert story.active(unit) != "active"
+        assert_purged(story)
+
+    def test_install_by_hand_asks_for_the_server(self, story):
+        """As a person installs the .deb (debconf's default priority, an interactive frontend): the
+        question is asked; a URL with a password gets the error note and the question again."""
+        answers = f"http://admin:{SECRET}@typed.invalid:5984\n{TYPED}\n"
+        # teletype needs a terminal: script(1) gives it one, and the answers as typed input.
+        result = story.install_deb("script", "-qec", "DEBIAN_FRONTEND=teletype dpkg -i {deb}", "/dev/null",
+                                   input=answers)
+        assert result.returncode == 0, result.stdout[-5000:]
+        output = ANSI.sub("", result.stdout)
+        assert output.count("CouchDB server URL:") == 2, output[-5000:]
+        assert "must not carry user:password@" in output, output[-5000:]
+        assert story.var("server").read_text() == TYPED + "\n"
+        assert story.holding_the_secret() == []
+        # The user kept at the purge is the one used again: same uid.
+        assert story.uid("rspby") == story.rspby_uid
+        assert story.active("himbeerecouch.service") == "active"
+
+    def test_preseeded_url_with_a_password_is_refused_without_failing(self, story):
+        """Noninteractive (an image build, an unattended installation): the preseeded URL with a
+        password is refused with a message, not written anywhere, and the installation succeeds."""
+        story.container.exec("dpkg", "--purge", "himbeerecouch")
+        story.container.exec("debconf-set-selections",
+                             input=f"himbeerecouch himbeerecouch/server string http://admin:{SECRET}@preseeded.invalid:5984\n")
+        result = story.install_deb("apt-get", "install", "-y", "--no-install-recommends", "{deb}")
+        assert result.returncode == 0, result.stdout[-5000:]
+        assert "refusing the server URL: it carries user:password@" in result.stdout, result.stdout[-5000:]
+        assert not story.var("server").exists()
+        assert story.holding_the_secret() == []
+        shown = story.container.exec("debconf-show", "himbeerecouch").stdout
+        assert re.search(r"himbeerecouch/server:\s*$", shown, re.MULTILINE), shown
+        assert story.active("himbeerecouch.service") == "active"
+
+    def test_purge_again_leaves_only_the_user(self, story):
+        result = story.container.exec("dpkg", "--purge", "himbeerecouch")
+        assert "warning" not in result.stdout.lower(), result.stdout
+        assert [story.active(unit) for unit in UNITS] == ["inactive", "inactive"]
         story.container.poweroff()
         assert_purged(story)
 
