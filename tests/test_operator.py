@@ -83,6 +83,9 @@ def device_session(couch, admin, state_dir, macid) -> tuple[requests.Session, st
     assert result.returncode == 0, result.stderr
     session = requests.Session()
     session.auth = (creds.user, creds.password)
+    # CouchDB learns a changed password from its _users feed: a moment after the write.
+    wait_for(lambda: session.get(f"{couch.url}/_session", timeout=10).json().get("userCtx", {}).get("name")
+             == creds.user, message="the device's new password to be accepted")
     return session, creds.password
 
 

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from support import wait_for
-from test_operator import OTHER, PI, fleet_db  # noqa: F401 (fleet_db: fixture)
-from test_operator import device_session as new_device_session
+from test_operator import OTHER, PI, device_session, fleet_db  # noqa: F401 (fleet_db: fixture)
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.only_on("couchdb", reason="pouchdb-server does not validate _bulk_docs "
                                                     "writes and lets users set their own roles")]
 
 SNEAKY = "def main():\n    log('owned')\n"
-
-
-def device_session(couch, admin, state_dir, macid):
-    """As test_operator's, and logged in: CouchDB takes a moment to learn a changed password."""
-    session, password = new_device_session(couch, admin, state_dir, macid)
-    wait_for(lambda: session.get(f"{couch.url}/_session", timeout=10).json().get("userCtx", {}).get("name") == session.auth[0],
-             message="the device's new password to be accepted")
-    return session, password
 
 
 def test_a_device_cannot_write_code_through_bulk_docs(couch, fleet_db, tmp_path):
