@@ -29,7 +29,7 @@ def test_make_deb_installs_what_it_needs_then_builds(fresh, build, timings):
     assert not installed(fresh, "debhelper") and not installed(fresh, "python3-pip")
     result = timed("make deb on a fresh root (build dependencies installed)", timings, nspawn, fresh,
                    "make", "deb", chdir="/root/src", check=False)
-    print(result.stdout[-3000:])
+    (fresh.parent / "make-deb.log").write_text(result.stdout)
     assert result.returncode == 0, result.stdout[-5000:]
     messages = [line for line in result.stdout.splitlines() if line.startswith("build-deb: installing")]
     assert len(messages) == 1, messages

@@ -148,9 +148,16 @@ class Story:
             deb.unlink()
 
     def holding_the_secret(self) -> list[str]:
-        """Files of the root where the password of a refused URL would be kept."""
-        return run(["grep", "-rl", "-e", SECRET, str(self.root / "etc"), str(self.root / "var" / "cache" / "debconf"),
-                    str(self.root / "var" / "rspby"), str(self.root / "var" / "lib")], check=False).stdout.split()
+        """Files of the root that keep the password of a refused URL (root-relative paths).
+
+        Not counted: debconf's backup of its database as it was before its last save
+        (config.dat-old). debconf-set-selections put the preseeded URL in config.dat; the
+        package clears it there, and the backup of the state before that keeps it until debconf
+        next saves. The package does not edit debconf's own files."""
+        backup = self.root / "var" / "cache" / "debconf" / "config.dat-old"
+        found = run(["grep", "-rl", "-e", SECRET, str(self.root / "etc"), str(self.root / "var" / "cache" / "debconf"),
+                     str(self.root / "var" / "rspby"), str(self.root / "var" / "lib")], check=False).stdout.split()
+        return [str(Path(path).relative_to(self.root)) for path in found if path != str(backup)]
 
     def status(self) -> dict:
         return self.admin.get(f"{self.macid}_heartbeat") or {}
