@@ -96,6 +96,7 @@ def test_setup_db_is_idempotent(couch):
     assert "created database" in first.stdout and "validation function" in first.stdout
     second = hc("setup-db", "--database", name, couch=couch)
     assert second.returncode == 0 and "nothing changed" in second.stdout
+    AdminClient(couch.url, name).drop_db()
 
 
 def test_setup_db_needs_credentials_and_says_so(couch):

@@ -80,8 +80,10 @@ DOC_ID = st.text(alphabet=string.ascii_letters + string.digits + "-_.:~ äöüß
 @given(code_docs=st.dictionaries(DOC_ID, CODE_DOC, min_size=3, max_size=8),
        command_docs=st.lists(COMMAND_DOC, min_size=2, max_size=5))
 def test_a_daemon_fed_random_documents_stays_up_and_answers_each(admin, make_daemon, code_docs, command_docs):
-    # Each example gets a database of its own: the admin fixture's is shared by the examples.
-    admin.db = f"{admin.db.split('-')[0]}-{time.monotonic_ns()}"
+    # Each example gets a database of its own: the admin fixture's is shared by the examples
+    # (and removed by it at the end, under its own name).
+    fixture_db = admin.db.split('-')[0]
+    admin.db = f"{fixture_db}-{time.monotonic_ns()}"
     admin.create_db()
     for doc_id, doc in code_docs.items():
         admin.put({"_id": doc_id, "type": MACID, **doc})
@@ -113,3 +115,5 @@ def test_a_daemon_fed_random_documents_stays_up_and_answers_each(admin, make_dae
         assert "unexpected failure" not in daemon.log(), daemon.log()[-3000:]
     finally:
         daemon.stop()
+        admin.drop_db()
+        admin.db = fixture_db
