@@ -156,8 +156,13 @@ def stop_server(server: subprocess.Popen) -> None:
 def say(text: str) -> None:
     try:
         print(text, file=sys.stderr, flush=True)
-    except OSError:             # the terminal is gone (SIGHUP): stop all the same
-        pass
+    except OSError:
+        # The terminal is gone (SIGHUP). Output goes nowhere from now on, so that what is left
+        # in the buffers does not fail again at exit (Python's status 120).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
 
 
 def port_free(port: int) -> bool:
