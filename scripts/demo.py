@@ -6,7 +6,8 @@ the demo exits 0: a stop that was asked for is a success. The daemon and the ser
 sessions of their own, so a signal reaches this process only and everything stops in that order;
 a second signal hurries the daemon on (it kills its programs at once). Were the demo killed
 outright (SIGKILL), the kernel sends both SIGTERM. A daemon that exits by itself ends the demo
-with the daemon's status.
+with the daemon's status. SIGINT or SIGHUP ignored from the start (nohup, a script's background
+job) stay ignored.
 
 The server keeps its databases in <workdir>/couch: the sample document, and an edit of it, are
 there on the next run, and the daemon's feed checkpoint in <workdir>/state stays valid.
@@ -66,6 +67,8 @@ class Signals:
 
     def install(self) -> None:
         for signum in STOP_SIGNALS:
+            if signum != signal.SIGTERM and signal.getsignal(signum) == signal.SIG_IGN:
+                continue    # nohup, or a background job of a script: that stays as it was asked
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame) -> None:
