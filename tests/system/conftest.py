@@ -93,7 +93,7 @@ def build_deb(workdir: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     # The copy lies inside this checkout: git must not take it for a part of it.
-    env = dict(CLEAN_ENV, PYCOUCHDB_DIR=str(ROOT / ".cache" / "deb"), GIT_CEILING_DIRECTORIES=str(workdir))
+    env = dict(CLEAN_ENV, GIT_CEILING_DIRECTORIES=str(workdir))
     run(["make", "deb"], cwd=src, env=env, log=workdir / "make-deb.log", timeout=900)
     return next((src / "dist").glob("himbeerecouch_*_all.deb"))
 

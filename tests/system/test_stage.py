@@ -6,7 +6,7 @@ from pathlib import Path
 
 from guest import run
 
-UNITS = ["/lib/systemd/system/himbeerecouch.service", "/lib/systemd/system/himbeerecouch-firstboot.service"]
+UNITS = ["/usr/lib/systemd/system/himbeerecouch.service", "/usr/lib/systemd/system/himbeerecouch-firstboot.service"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
