@@ -27,6 +27,26 @@ def kill_group(pgid: int) -> None:
         pass
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, whatever its session or group, read from /proc: how the demo
+    and the tests stop what they started, by process id, never by a name pattern."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def make_workdir(path: Path) -> str:
     """`path`, made if needed, as a working directory; "/" when it cannot be made (a read-only
     or missing state dir), which is logged."""

@@ -29,6 +29,8 @@ from urllib.parse import quote
 
 import requests
 
+from himbeerecouch.processes import descendants
+
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE = "nedm/raspberries"
 ADMIN = ("admin", "demo")
@@ -101,25 +103,6 @@ def child_setup() -> None:
 def start(cmd: list[str], **kwargs) -> subprocess.Popen:
     with signals_held():
         return subprocess.Popen(cmd, start_new_session=True, preexec_fn=child_setup, **kwargs)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below pid (by /proc, whatever its session or group)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    ppid = int(stat.read().rpartition(")")[2].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def stop_daemon(daemon: subprocess.Popen, signals: Signals) -> None:

@@ -13,6 +13,8 @@ from urllib.parse import quote, unquote, urlsplit
 
 import requests
 
+from himbeerecouch.processes import descendants
+
 ROOT = Path(__file__).resolve().parent.parent
 COUCHDB_LAUNCHER = ROOT.parent / "shared" / "couchdb" / "couchdb-server"
 
@@ -73,23 +75,6 @@ def wait_for(condition: Callable[[], object], timeout: float = 15.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, children first (read from /proc, so only ours: no name patterns)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 class CouchServer:
