@@ -8,6 +8,7 @@ one place: callers see documents, selectors and change lines.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -207,3 +208,21 @@ def _lines(response: requests.Response) -> Iterator[bytes]:
         yield from complete
     if pending:
         yield pending
+
+
+def server_error(error: BaseException, server: str, user: str | None) -> str:
+    """What went wrong between us and the server, saying each thing once: which server, who we
+    were, and the server's own reason."""
+    if isinstance(error, requests.exceptions.SSLError):
+        return f"{server}: {describe_error(error)}"
+    if isinstance(error, requests.exceptions.ConnectionError):
+        reason = re.findall(r"\[Errno -?\d+\] ([^'\")\]]+)", str(error))
+        return f"cannot reach {server}" + (f": {reason[-1].strip()}" if reason else "")
+    if isinstance(error, requests.exceptions.Timeout):
+        return f"{server} did not answer in time"
+    detail = error.args[0] if error.args else None
+    if isinstance(detail, dict) and detail.get("error") in ("unauthorized", "forbidden"):
+        who = f"user {user}" if user else "anonymous access (no user given)"
+        reason = str(detail.get("reason") or detail["error"]).strip()
+        return f"the server {server} refused {who}: {reason}"
+    return f"the server {server} answered: {describe_error(error)}"

@@ -461,7 +461,7 @@ def test_cancel_after_withdraws_an_unclaimed_command_for_good(couch, fleet_db, m
 
 
 def test_withdrawal_and_claim_race_on_the_revision(couch, fleet_db):
-    from himbeerecouch.admin import withdraw
+    from himbeerecouch.command_client import withdraw
     from himbeerecouch.couch import Conflict, Database
     admin, _ = fleet_db
     db = Database(couch.url, admin.db, credentials=ADMIN)
