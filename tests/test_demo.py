@@ -70,6 +70,14 @@ def alive(processes: dict[int, str]) -> dict[int, str]:
 
 # ---- a running demo ---------------------------------------------------------------------------
 
+def as_from_a_shell() -> None:
+    """SIGINT and SIGHUP as an interactive shell leaves them to a command it starts, even when the
+    tests themselves run with them ignored (under nohup, or as a background job): the demo keeps
+    an ignored one ignored, as it should."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 class Demo:
     """scripts/demo.py in its own session, its output collected; on a terminal of its own (a pty
     whose closing is a real hang-up) when `terminal` is true."""
@@ -84,13 +92,13 @@ class Demo:
             self.master, slave = pty.openpty()
             self.process = subprocess.Popen(
                 args, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))   # its controlling tty
+                preexec_fn=lambda: (as_from_a_shell(), fcntl.ioctl(0, termios.TIOCSCTTY, 0)))  # its tty
             os.close(slave)
             self._reader = threading.Thread(target=self._read_terminal, daemon=True)
         else:
             self.master = None
             self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            text=True, start_new_session=True)
+                                            text=True, start_new_session=True, preexec_fn=as_from_a_shell)
             self._reader = threading.Thread(target=self._read_pipe, daemon=True)
         self._reader.start()
         self.processes: dict[int, str] = {}
