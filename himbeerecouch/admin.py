@@ -289,10 +289,9 @@ def read_new_password(args: argparse.Namespace, stdin: TextIO) -> str | None:
 def add_user(users: Database, db: Database, name: str, roles: list[str],
              password: str | None) -> list[str]:
     """Create or update the CouchDB user `name` with `roles` added to those it has, and make
-    each role a member of `db`; lists what was done. password None: keep the user's own."""
+    each role a member of `db` (which exists: cmd_add_user checks, before asking for the password);
+    lists what was done. password None: keep the user's own."""
     from .couch import Conflict
-    if not db.exists():
-        raise OperatorError(f"there is no database {db.name}: run himbeerecouch setup-db first")
     doc_id = f"org.couchdb.user:{name}"
     for _ in range(3):
         current = users.get(doc_id)

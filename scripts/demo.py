@@ -29,9 +29,11 @@ from urllib.parse import quote
 
 import requests
 
-from himbeerecouch.processes import descendants
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))       # this checkout's himbeerecouch, installed or not
+from himbeerecouch.identity import IdentityError, getmacid  # noqa: E402
+from himbeerecouch.processes import descendants  # noqa: E402
+
 DATABASE = "nedm/raspberries"
 ADMIN = ("admin", "demo")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -170,8 +172,6 @@ def main() -> int:
     signals.install()       # from the start: a stop while the server starts counts too
     server = daemon = None
     try:
-        sys.path.insert(0, str(ROOT))
-        from himbeerecouch.identity import IdentityError, getmacid
         try:
             macid = args.macid or getmacid()
         except IdentityError as error:

@@ -91,8 +91,6 @@ class CouchServer:
         self.process: subprocess.Popen | None = None
         self.kind = "pouchdb" if self.command.name == "couch-server" else "couchdb"
 
-    restartable = True
-
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
@@ -141,9 +139,6 @@ class CouchServer:
 
 class ExternalServer:
     """A CouchDB that runs already (HIMBEERECOUCH_TEST_URL): never started or stopped by a test."""
-
-    kind = "couchdb"
-    restartable = False
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
