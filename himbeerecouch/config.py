@@ -48,6 +48,7 @@ class Config:
     discovery_port: int = 53000
     led_pin: int | None = 16              # BCM pin blinked while waiting for provisioning; empty: none
     log_level: str = "INFO"
+    spawn: str = "fork-server"           # how programs start: fork-server (preloaded) or exec (fresh)
     boot_config: str = DEFAULT_BOOT_FILE  # per-card settings; they win; empty: none
 
     @property
@@ -213,6 +214,7 @@ VALIDATORS: dict[str, Callable[[str], object]] = {
     "discovery_port": _whole(1, 65535),
     "led_pin": _optional(_whole(0, 27, " (a BCM GPIO number)")),
     "log_level": _choice(*LOG_LEVELS, upper=True),
+    "spawn": _choice("fork-server", "exec"),
     "boot_config": _optional_path,
 }
 

@@ -27,9 +27,10 @@ from .couch import Database, split_credentials, redact
 from .discovery import ProvisioningListener
 from .faultguard import EXIT_CODE, FaultGuard, RepeatedFault
 from .feed import Changed, FeedState, Follower, Snapshot
+from .forkserver import ForkServer
 from .identity import IdentityError, device_macid
 from .notify import Notifier
-from .processes import kill_group, now_iso
+from .processes import child_environment, kill_group, now_iso
 from .programs import Supervisor
 from .state import StateDir, write_atomic
 from .status import StatusWriter, heartbeat, summary
@@ -42,7 +43,9 @@ class Provisioned:
 
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
-LOOP_MAX_SLEEP = 1.0
+# Programs' exits, output, feed events and signals wake the loop; besides them it wakes only for
+# its timers (watchdog, program deadlines) and to check that its threads live, this often:
+THREAD_CHECK_SECONDS = 30.0
 
 
 class Daemon:
@@ -109,9 +112,34 @@ class Daemon:
             supervisor.backoff_cap = config.restart_backoff_max_seconds
             supervisor.workdir = workdir
             supervisor.database_settings = database_settings
+        if self.supervisor.fork_server is None and config.spawn == "fork-server":
+            self._setup_spawn(config)     # started early: its preload overlaps the first connection
         self.docs = self.state.load_code()
         if self.docs:
             log.info("last-known code: %d document(s) from %s", len(self.docs), self.state.path)
+
+    def _setup_spawn(self, config: Config) -> None:
+        """spawn = fork-server: a fork server for the next program starts, a new one on SIGHUP,
+        so that new code on disk (a package upgrade) reaches them; spawn = exec: none."""
+        fork_server = self.supervisor.fork_server
+        if config.spawn == "fork-server":
+            if fork_server is None:
+                self.supervisor.fork_server = ForkServer(
+                    python=self.supervisor.python, env=child_environment, watch_fd=self._watch_fd,
+                    unwatch_fd=self.selector.unregister, on_change=self._mark_status)
+                self.supervisor.fork_server.start()
+            else:
+                fork_server.replace()
+        elif fork_server is not None:
+            log.info("spawn = exec: programs start as fresh interpreters from now on")
+            fork_server.close()
+            self.supervisor.fork_server = None
+        self._mark_status()
+
+    def spawn_status(self) -> dict[str, Any]:
+        if self.supervisor.fork_server is None:
+            return {"mode": "exec", "fork_server_pid": None, "error": None}
+        return self.supervisor.fork_server.status()
 
     def _credentials(self) -> tuple[str, str] | None:
         """The URL's own user:password (admin use, tests), else this device's credentials."""
@@ -269,6 +297,8 @@ class Daemon:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.supervisor.close()
+            if self.supervisor.fork_server is not None:
+                self.supervisor.fork_server.close()
         log.info("stopped")
         return 0
 
@@ -277,12 +307,15 @@ class Daemon:
         a ready pipe costs one bounded read per turn (see output.py), and a step that fails is
         logged and does not keep the others from running (see faultguard.py)."""
         self._next_deadline: float | None = None
+        self._threads_checked = time.monotonic()
         run = self.guard.run
         while True:
-            timeout = LOOP_MAX_SLEEP
-            for due in (self._next_deadline, self.notifier.watchdog_due(), self._offline_start_at):
+            timeout = None
+            for due in (self._next_deadline, self.notifier.watchdog_due(), self._offline_start_at,
+                        self._threads_checked + THREAD_CHECK_SECONDS):
                 if due is not None:
-                    timeout = min(timeout, max(0.0, due - time.monotonic()))
+                    left = max(0.0, due - time.monotonic())
+                    timeout = left if timeout is None else min(timeout, left)
             for key, _ in self.selector.select(timeout):
                 if key.data is None:
                     self._drain_wake_pipe()
@@ -308,6 +341,8 @@ class Daemon:
         for program in self.supervisor.alive():
             kill_group(program.process.pid)
         try:
+            if self.supervisor.fork_server is not None:
+                self.supervisor.fork_server.kill()
             self._stop_threads()
             if self.commands:
                 self.commands.stop(timeout=2.0)     # running commands: killed, reported interrupted
@@ -363,6 +398,7 @@ class Daemon:
             return
         logsetup.set_level(self.log_level or config.log_level)
         self._restart_threads(config)
+        self._setup_spawn(config)
 
     def handle_usr1(self) -> None:
         names = {thread.ident: thread.name for thread in threading.enumerate()}
@@ -438,6 +474,7 @@ class Daemon:
         self.supervisor.apply(documents.wanted_programs(self.docs, self.config.max_program_bytes))
 
     def _check_threads(self) -> None:
+        self._threads_checked = time.monotonic()
         if self.stopping:
             return                                   # they were told to end
         for thread in (self.follower, self.writer):
@@ -451,7 +488,8 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return heartbeat(macid=self.macid, started=self.started, started_iso=self.started_iso,
                          stopping=self.stopping, feed_connected=self.feed_connected,
-                         feed_error=self.feed_error, programs=self.supervisor.programs)
+                         feed_error=self.feed_error, programs=self.supervisor.programs,
+                         spawn=self.spawn_status())
 
     def _summary(self) -> str:
         return summary(self.supervisor.programs, self.server_url, self.feed_connected, self.feed_error)

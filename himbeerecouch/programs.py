@@ -33,10 +33,14 @@ from .documents import ProgramSpec
 from .output import MAX_LINE, LineBudget, LineReader
 from .processes import child_environment, kill_group, make_workdir, now_iso
 
+if False:                                        # typing only: forkserver imports this module
+    from .forkserver import ForkServer
+
 log = logging.getLogger(__name__)
 program_log = logging.getLogger("himbeerecouch.program")
 
 DRAIN_BUDGET = 1024 * 1024       # read from a dead program's pipes before they are closed
+POLL_SECONDS = 1.0               # how often a process without a pidfd is asked whether it ended
 
 
 class State(str, enum.Enum):
@@ -66,7 +70,9 @@ class TransitionError(RuntimeError):
     """A move between states that TRANSITIONS does not allow: a bug in the supervisor."""
 
 
-def describe_exit(returncode: int) -> str:
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "ended with an unknown status (the fork server that started it is gone)"
     if returncode < 0:
         try:
             return f"killed by {signal.Signals(-returncode).name}"
@@ -93,7 +99,7 @@ class Program:
     fingerprint: str
     backoff: Backoff
     state: State = State.STOPPED
-    process: subprocess.Popen | None = None
+    process: "ExecProcess | Any" = None    # ExecProcess or forkserver.ServedProcess
     restarts: int = 0
     starts: int = 0
     last_error: str | None = None
@@ -128,12 +134,54 @@ class Program:
             "rev": self.spec.rev,
             "state": self.state.value,
             "pid": self.process.pid if self.process and self.state in ALIVE else None,
+            "spawn": self.process.how if self.process else None,
             "restarts": self.restarts,
             "last_error": self.last_error or self.spec.error,
             "last_exit": self.last_exit,
             "since": self.since,
             "dropped_lines": self.lines.dropped,
         }
+
+
+class ExecProcess:
+    """A program started as a fresh interpreter: the daemon's own child."""
+
+    how = "exec"
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.returncode: int | None = None
+        self.ended = False
+        self.gone_since: float | None = None
+        try:
+            self.exit_fd: int | None = os.pidfd_open(popen.pid)   # readable once it has ended
+        except (OSError, AttributeError):
+            self.exit_fd = None                                    # Linux < 5.3: polled
+        self.stdout_fd, self.stderr_fd = popen.stdout.fileno(), popen.stderr.fileno()
+
+    def closers(self) -> dict[int, Callable[[], None]]:
+        return {self.stdout_fd: self.popen.stdout.close, self.stderr_fd: self.popen.stderr.close}
+
+    def send_signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def poll(self) -> bool:
+        if not self.ended and self.popen.poll() is not None:
+            self.returncode, self.ended = self.popen.returncode, True
+        return self.ended
+
+    def report_deadline(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        try:
+            self.popen.stdin.close()
+        except OSError:
+            pass
+        if self.exit_fd is not None:
+            os.close(self.exit_fd)
+            self.exit_fd = None
 
 
 @dataclass
@@ -154,11 +202,13 @@ class Supervisor:
         self.workdir = workdir               # each program gets a directory of its own below it
         self.database_settings = database_settings
         self.python = python
+        self.fork_server: ForkServer | None = None   # None: every program is a fresh interpreter
         self._watch_fd = watch_fd
         self._unwatch_fd = unwatch_fd
         self._on_change = on_change          # called when anything the status shows changed
         self.programs: dict[str, Program] = {}
         self._pipes: dict[int, _Pipe] = {}
+        self._exit_fds: dict[int, Program] = {}     # pidfds: readable when the program has ended
 
     # ---- the wanted set -------------------------------------------------------------------
 
@@ -232,15 +282,12 @@ class Supervisor:
             workdir = self._workdir(spec.doc_id)
             env = child_environment()
             env["PYTHONUNBUFFERED"] = "1"
-            env[child.REPORT_FD_ENV] = str(report_write)
-            env[child.PROGRAM_FD_ENV] = str(program_fd)
-            process = subprocess.Popen(
-                # -P: the working directory is not on sys.path, so a file a program writes
-                # there (signal.py, json.py) cannot shadow a module of the next start.
-                [self.python, "-u", "-P", "-m", "himbeerecouch.child"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(report_write, program_fd), env=env, cwd=workdir,
-                start_new_session=True)   # its own process group, killed as a whole
+            process = None
+            if self.fork_server is not None:
+                process = self.fork_server.spawn(program_fd=program_fd, report_fd=report_write,
+                                                 cwd=workdir, env=env)
+            if process is None:
+                process = self._exec(program_fd, report_write, workdir, env)
         except (OSError, ValueError) as error:
             for fd in descriptors:
                 os.close(fd)
@@ -256,13 +303,26 @@ class Supervisor:
         program.killed = False
         program.set_state(State.STARTING)
         # stdin stays open and silent: its end tells the child the daemon is gone.
-        for fd, kind, close in ((process.stdout.fileno(), "stdout", process.stdout.close),
-                                (process.stderr.fileno(), "stderr", process.stderr.close),
-                                (report_read, "report", lambda fd=report_read: os.close(fd))):
+        closers = process.closers()
+        closers[report_read] = lambda fd=report_read: os.close(fd)
+        for fd, kind in ((process.stdout_fd, "stdout"), (process.stderr_fd, "stderr"), (report_read, "report")):
             reader = LineReader(fd, lambda line, program=program, kind=kind: self._line(program, kind, line))
-            self._pipes[fd] = _Pipe(program, reader, close)
+            self._pipes[fd] = _Pipe(program, reader, closers[fd])
             self._watch_fd(fd, self)
-        log.info("%s: started (pid %d, rev %s)", program.name, process.pid, spec.rev)
+        if process.exit_fd is not None:
+            self._exit_fds[process.exit_fd] = program
+            self._watch_fd(process.exit_fd, self)
+        log.info("%s: started (pid %d, rev %s, %s)", program.name, process.pid, spec.rev, process.how)
+
+    def _exec(self, program_fd: int, report_write: int, workdir: str, env: dict[str, str]) -> ExecProcess:
+        env = {**env, child.REPORT_FD_ENV: str(report_write), child.PROGRAM_FD_ENV: str(program_fd)}
+        return ExecProcess(subprocess.Popen(
+            # -P: the working directory is not on sys.path, so a file a program writes
+            # there (signal.py, json.py) cannot shadow a module of the next start.
+            [self.python, "-u", "-P", "-m", "himbeerecouch.child"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=(report_write, program_fd), env=env, cwd=workdir,
+            start_new_session=True))  # its own process group, killed as a whole
 
     def _workdir(self, doc_id: str) -> str:
         """The program's own working directory; "/" when the state dir cannot hold one."""
@@ -313,13 +373,16 @@ class Supervisor:
     def tick(self) -> float | None:
         """Reap, enforce deadlines, restart what is due; returns the next deadline (monotonic)."""
         now = time.monotonic()
+        polled = False
         for program in list(self.programs.values()):
             process = program.process
             if program.state in ALIVE and process is not None:
-                returncode = process.poll()
-                if returncode is not None:
-                    self._reaped(program, returncode)
-                    continue
+                # Only a process whose pidfd said it ended is asked (or one without a pidfd).
+                if process.exit_fd is None or process.gone_since is not None:
+                    if process.poll():
+                        self._reaped(program, process.returncode)
+                        continue
+                    polled = polled or process.exit_fd is None
                 if program.state == State.STOPPING and program.deadline is not None and now >= program.deadline:
                     log.warning("%s: did not quit within %.0f s, killing its process group",
                                 program.name, self.grace_seconds)
@@ -337,17 +400,22 @@ class Supervisor:
         deadlines = [p.deadline for p in self.programs.values() if p.deadline is not None]
         deadlines += [p.started_at + self.start_seconds for p in self.programs.values()
                       if p.state == State.STARTING]
+        deadlines += [due for p in self.programs.values() if p.state in ALIVE and p.process is not None
+                      for due in [p.process.report_deadline()] if due is not None]
+        if polled:
+            deadlines.append(now + POLL_SECONDS)     # no pidfd: asked again in a while
         return min(deadlines) if deadlines else None
 
-    def _reaped(self, program: Program, returncode: int) -> None:
+    def _reaped(self, program: Program, returncode: int | None) -> None:
         process = program.process
         kill_group(process.pid)          # whatever the program left behind goes with it
         for fd in [fd for fd, pipe in self._pipes.items() if pipe.program is program]:
             self._drain(fd)
-        try:
-            process.stdin.close()
-        except OSError:
-            pass
+        if process.exit_fd is not None and self._exit_fds.pop(process.exit_fd, None) is not None:
+            self._unwatch_fd(process.exit_fd)
+        process.close()
+        if process.how == "fork-server" and self.fork_server is not None:
+            self.fork_server.exited(process)
         reason = describe_exit(returncode)
         if program.killed:
             reason += f" after the grace period of {self.grace_seconds:.0f} s"
@@ -383,7 +451,13 @@ class Supervisor:
     # ---- output ---------------------------------------------------------------------------
 
     def read(self, fd: int) -> None:
-        """The loop saw `fd` ready: read one budget of it (see output.py)."""
+        """The loop saw `fd` ready: read one budget of it (see output.py), or, for a pidfd, the
+        program has ended (tick() takes it from there)."""
+        program = self._exit_fds.pop(fd, None)
+        if program is not None:
+            self._unwatch_fd(fd)
+            program.process.gone_since = time.monotonic()
+            return
         pipe = self._pipes.get(fd)
         if pipe is not None:
             if pipe.reader.read() is None:
@@ -457,3 +531,6 @@ class Supervisor:
     def close(self) -> None:
         for fd in list(self._pipes):
             self._close(fd)
+        for fd in list(self._exit_fds):
+            del self._exit_fds[fd]
+            self._unwatch_fd(fd)

@@ -36,7 +36,8 @@ def local_ip(server_url: str) -> str | None:
 
 
 def heartbeat(*, macid: int, started: float, started_iso: str, stopping: bool, feed_connected: bool,
-              feed_error: str | None, programs: dict[str, Program]) -> dict[str, Any]:
+              feed_error: str | None, programs: dict[str, Program],
+              spawn: dict[str, Any] | None = None) -> dict[str, Any]:
     """The daemon's side of the status document (the writer adds ip, timestamp, uptime)."""
     shown = {doc_id: program.status() for doc_id, program in sorted(programs.items())}
     return {
@@ -51,6 +52,8 @@ def heartbeat(*, macid: int, started: float, started_iso: str, stopping: bool, f
         "running_ids": [doc_id for doc_id, status in shown.items()
                         if status["state"] in (State.STARTING.value, State.RUNNING.value)],
         "programs": shown,
+        # How programs start: {"mode": "fork-server" | "exec", "fork_server_pid", "error"}.
+        "spawn": spawn,
     }
 
 

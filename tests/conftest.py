@@ -13,9 +13,10 @@ from support import DEVICE_MACID, AdminClient, CouchServer, DaemonProcess, make_
 
 
 def pytest_report_header(config) -> str:
+    spawn = f"; programs start with spawn = {support.TEST_SPAWN or 'the default'}"
     if support.TEST_URL:
-        return f"test server: {support.ExternalServer(support.TEST_URL).url} (HIMBEERECOUCH_TEST_URL)"
-    return f"test server: {support.launcher()} ({support.server_kind()})"
+        return f"test server: {support.ExternalServer(support.TEST_URL).url} (HIMBEERECOUCH_TEST_URL){spawn}"
+    return f"test server: {support.launcher()} ({support.server_kind()}){spawn}"
 
 
 def pytest_runtest_setup(item) -> None:

@@ -25,6 +25,9 @@ COUCHDB_LAUNCHER = ROOT.parent / "shared" / "couchdb" / "couchdb-server"
 #   HIMBEERECOUCH_TEST_URL=http://admin:pw@host:5984   a CouchDB that is already running
 TEST_URL = os.environ.get("HIMBEERECOUCH_TEST_URL", "").rstrip("/")
 TEST_SERVER = os.environ.get("HIMBEERECOUCH_TEST_SERVER", "pouchdb")
+# How the daemons under test start their programs (the config key `spawn`): fork-server or exec;
+# empty: the daemon's default. The fault tier runs in both modes this way.
+TEST_SPAWN = os.environ.get("HIMBEERECOUCH_TEST_SPAWN", "")
 
 
 def _admin_from(url: str) -> tuple[str, str]:
@@ -215,7 +218,9 @@ class DaemonProcess:
                          "state_dir": str(self.state_dir), "grace_seconds": "3",
                          "feed_heartbeat_seconds": "1", "status_interval_seconds": "2",
                          "restart_backoff_max_seconds": "2", "start_seconds": "1",
-                         "log_level": "DEBUG", "boot_config": "", **{k: str(v) for k, v in settings.items()}}
+                         "log_level": "DEBUG", "boot_config": "",
+                         **({"spawn": TEST_SPAWN} if TEST_SPAWN else {}),
+                         **{k: str(v) for k, v in settings.items()}}
         self.process: subprocess.Popen | None = None
         self.write_config()
 

@@ -36,6 +36,7 @@ GOOD = {
     "discovery_port": ("53001", 53001),
     "led_pin": ("", None),
     "log_level": ("debug", "DEBUG"),
+    "spawn": (" Exec ", "exec"),
     "boot_config": ("/boot/other.txt", "/boot/other.txt"),
 }
 
@@ -56,6 +57,7 @@ BAD = {
     "discovery_port": ["0", "65536", "-1", "port", ""],
     "led_pin": ["28", "-1", "GPIO16", "1.5"],
     "log_level": ["LOUD", "", "10"],
+    "spawn": ["fork", "", "forkserver"],
     "boot_config": ["himbeerecouch.txt"],
     **{key: DURATION_BAD for key in (
         "interface_wait_seconds", "grace_seconds", "feed_heartbeat_seconds", "status_interval_seconds",

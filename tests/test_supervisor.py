@@ -72,8 +72,8 @@ def test_a_large_program_never_blocks_the_start(tmp_path):
     try:
         assert program.state == State.STARTING and took < 5
     finally:
-        program.process.kill()
-        program.process.wait()
+        program.process.popen.kill()
+        program.process.popen.wait()
         supervisor.close()
 
 
