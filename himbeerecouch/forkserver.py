@@ -277,6 +277,12 @@ class _Server:
             self.process.wait()
 
 
+def _ended(server: _Server) -> str:
+    from .programs import describe_exit           # (programs imports this module's user)
+    code = server.process.returncode
+    return describe_exit(code) if code is not None else "ended"
+
+
 class ServedProcess:
     """A program started by the fork server: not the daemon's child, so the exit status comes
     from the server; the pidfd (from the server too) says when it is gone and signals it safely."""
@@ -422,9 +428,7 @@ class ForkServer:
         if server is not self.server:
             return                                   # a retired one: its programs are told by poll
         self.server = None
-        code = server.process.returncode
-        from .programs import describe_exit
-        what = describe_exit(code) if code is not None else "ended"
+        what = _ended(server)
         if not was_ready:
             self._failed(f"{what} before it was ready (pid {server.pid})")
             return
@@ -500,9 +504,9 @@ class ForkServer:
                 self._await(server, lambda message, fds: "ready" in message and not fds,
                             self.start_timeout)
             except ServerGone as error:
-                self._close(server)
+                self._close(server)                  # also waits for its exit status
                 self.server = None
-                self._failed(f"(pid {server.pid}) did not become ready: {error}")
+                self._failed(f"(pid {server.pid}) did not become ready: {error}, {_ended(server)}")
                 return None
             self._message(server, {"ready": server.pid})
         if self.error:
