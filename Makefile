@@ -12,7 +12,7 @@ soak:
 	HIMBEERECOUCH_SOAK=1 scripts/test tests/faults
 
 bench:
-	scripts/bootstrap && .venv/bin/python bench/latency.py && .venv/bin/python bench/command.py
+	scripts/bootstrap && .venv/bin/python bench/latency.py && .venv/bin/python bench/memory.py && .venv/bin/python bench/idle.py && .venv/bin/python bench/startup.py && .venv/bin/python bench/command.py
 
 ci:
 	.ci/run
