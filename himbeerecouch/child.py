@@ -1,7 +1,8 @@
 """The inside of one program's process: load the document's modules from strings, run main().
 
-Started by the supervisor as `python3 -P -m himbeerecouch.child` (no working directory on
-sys.path). It reads the program (one JSON object: code, modules, how to reach the database) from
+Started by the supervisor as `python3 -u -P -m himbeerecouch.child` (no working directory on
+sys.path), or forked from the fork server (forkserver.py), which calls main() in a process set
+up as that command would be. It reads the program (one JSON object: code, modules, how to reach the database) from
 the file descriptor named by HIMBEERECOUCH_PROGRAM_FD (a memfd the daemon filled, so writing it
 never blocks the daemon), or else from the first line of stdin; then it watches stdin: end of
 file means the daemon is gone, and the program is asked to quit, as with SIGTERM; after the grace

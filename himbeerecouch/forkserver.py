@@ -96,6 +96,7 @@ class _ProgramStart:
     def run(self) -> None:
         from . import child
         sys.argv = [child.__file__]
+        sys.modules["__main__"] = child      # as with `-m himbeerecouch.child`, not the server's
         child.main()             # raises SystemExit: the interpreter ends as a fresh one would
 
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote
 
 from . import child
@@ -33,7 +33,7 @@ from .documents import ProgramSpec
 from .output import MAX_LINE, LineBudget, LineReader
 from .processes import child_environment, kill_group, make_workdir, now_iso
 
-if False:                                        # typing only: forkserver imports this module
+if TYPE_CHECKING:
     from .forkserver import ForkServer
 
 log = logging.getLogger(__name__)
