@@ -307,10 +307,12 @@ class ServedProcess:
         if self.exit_fd is not None:
             try:
                 signal.pidfd_send_signal(self.exit_fd, signum)
+                return
             except ProcessLookupError:
-                pass
-        else:
-            os.kill(self.pid, signum)
+                return
+            except OSError:
+                pass                 # a seccomp filter without pidfd_send_signal: by its pid
+        os.kill(self.pid, signum)
 
     def poll(self) -> bool:
         """Whether it has ended: `returncode` is then its exit code (negative: the signal), or
@@ -323,6 +325,14 @@ class ServedProcess:
         elif self.gone_since is not None and (not self.server.alive
                                               or time.monotonic() - self.gone_since >= EXIT_REPORT_WAIT):
             self.ended = True
+        elif self.exit_fd is None and not self.server.alive:
+            # No pidfd (the server could not make one) and nobody left to report: asked by pid.
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                self.ended = True
+            except PermissionError:
+                pass
         return self.ended
 
     def closers(self) -> dict[int, Callable[[], None]]:
