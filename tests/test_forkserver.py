@@ -269,3 +269,32 @@ def main():
     daemon.wait_log("quitter: exited normally", timeout=5)
     noticed = time.monotonic() - ended
     assert noticed < 0.9, f"exit noticed after {noticed:.2f} s"
+
+
+def test_a_hung_server_is_replaced_and_the_start_happens_anyway(admin, make_daemon, tmp_path):
+    admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "v1")})
+    daemon = make_daemon(spawn="fork-server")
+    daemon.start()
+    wait_for(lambda: starts(tmp_path, "v1"), message="the program")
+    hung = server_pid(admin)
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "v2")})
+        # The old program ends; its status cannot come from a stopped server (unknown after 2 s),
+        # the start waits at most 5 s for the server's answer, then goes on without it.
+        wait_for(lambda: starts(tmp_path, "v2"), timeout=20, message="the start despite the hung server")
+        took = time.monotonic() - began
+        assert took < 12, took
+        daemon.wait_log("failed a start: no answer within")
+        assert parent_of(pid_of(tmp_path, "v2")) == daemon.process.pid     # exec, this once
+        wait_for(lambda: not alive(hung), timeout=5, message="the hung server killed")
+        newer = server_pid(admin, other_than=hung)
+        admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "v3")})
+        wait_for(lambda: starts(tmp_path, "v3"), message="the next start")
+        assert parent_of(pid_of(tmp_path, "v3")) == newer
+    finally:
+        try:
+            os.kill(hung, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
