@@ -105,6 +105,8 @@ class Daemon:
                 backoff_cap=config.restart_backoff_max_seconds, workdir=workdir,
                 database_settings=database_settings, watch_fd=self._watch_fd,
                 unwatch_fd=self.selector.unregister, on_change=self._mark_status)
+            if config.spawn == "fork-server":
+                self._setup_spawn(config)     # started early: its preload overlaps the first connection
         else:
             supervisor = self.supervisor
             supervisor.grace_seconds = config.grace_seconds
@@ -112,8 +114,6 @@ class Daemon:
             supervisor.backoff_cap = config.restart_backoff_max_seconds
             supervisor.workdir = workdir
             supervisor.database_settings = database_settings
-        if self.supervisor.fork_server is None and config.spawn == "fork-server":
-            self._setup_spawn(config)     # started early: its preload overlaps the first connection
         self.docs = self.state.load_code()
         if self.docs:
             log.info("last-known code: %d document(s) from %s", len(self.docs), self.state.path)
@@ -130,10 +130,10 @@ class Daemon:
                 self.supervisor.fork_server.start()
             else:
                 fork_server.replace()
-        elif fork_server is not None:
+        elif fork_server is not None and fork_server.enabled:
+            # The server stays while the programs it started run: their exit status comes from it.
             log.info("spawn = exec: programs start as fresh interpreters from now on")
-            fork_server.close()
-            self.supervisor.fork_server = None
+            fork_server.disable()
         self._mark_status()
 
     def spawn_status(self) -> dict[str, Any]:

@@ -379,6 +379,7 @@ class ForkServer:
         self._retry_at = 0.0
         self._deaths: list[float] = []
         self._by_fd: dict[int, _Server] = {}
+        self.enabled = True                          # False: spawn = exec (servers only retire)
 
     # ---- the server's life ----------------------------------------------------------------
 
@@ -395,9 +396,19 @@ class ForkServer:
         log.info("fork server starting (pid %d)", server.pid)
         return True
 
+    def disable(self) -> None:
+        """spawn = exec from now on: the server retires (it stays while its programs run)."""
+        self.enabled = False
+        if self.server is not None:
+            self._retire(self.server)
+            self.server = None
+        self.error = None
+        self._on_change()
+
     def replace(self) -> None:
         """A new server for the next starts (new code on disk reaches them); the old one stays
         until its programs are gone, so that their exit status is known."""
+        self.enabled = True
         old = self.server
         self.server = None
         self.error, self._retry_at, self._deaths = None, 0.0, []
@@ -436,7 +447,7 @@ class ForkServer:
             return
         was_ready = server.ready
         self._close(server)                          # also waits for its exit status
-        if server is not self.server:
+        if server is not self.server or not self.enabled:
             return                                   # a retired one: its programs are told by poll
         self.server = None
         what = _ended(server)
@@ -532,7 +543,7 @@ class ForkServer:
         """Start a program; None when no fork server can do it now (the caller uses exec).
         Returns with our ends of its stdin/stdout/stderr in the process object; raises OSError
         when the server could not fork (EAGAIN, ENOMEM): that is not the server's fault."""
-        server = self._usable()
+        server = self._usable() if self.enabled else None
         if server is None:
             return None
         env = {**env, "HIMBEERECOUCH_REPORT_FD": str(REPORT_FD), "HIMBEERECOUCH_PROGRAM_FD": str(PROGRAM_FD)}
@@ -586,7 +597,7 @@ class ForkServer:
 
     def status(self) -> dict[str, Any]:
         server = self.server
-        return {"mode": "exec" if self.error else "fork-server",
+        return {"mode": "exec" if self.error or not self.enabled else "fork-server",
                 "fork_server_pid": server.pid if server is not None else None,
                 "error": self.error}
 

@@ -298,3 +298,28 @@ def test_a_hung_server_is_replaced_and_the_start_happens_anyway(admin, make_daem
             os.kill(hung, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+def test_sighup_switches_between_the_modes(admin, make_daemon, tmp_path):
+    admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "forked")})
+    daemon = make_daemon(spawn="fork-server")
+    daemon.start()
+    wait_for(lambda: starts(tmp_path, "forked"), message="the program")
+    server = server_pid(admin)
+    daemon.settings["spawn"] = "exec"
+    daemon.write_config()
+    daemon.signal(signal.SIGHUP)
+    spawn_status(admin, "exec")
+    admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "fresh")})
+    wait_for(lambda: starts(tmp_path, "fresh"), message="the program after the switch")
+    assert parent_of(pid_of(tmp_path, "fresh")) == daemon.process.pid
+    # The forked program's exit status still came from its server, which then went.
+    daemon.wait_log("p: exited normally")
+    wait_for(lambda: not alive(server), timeout=5, message="the retired server gone")
+    daemon.settings["spawn"] = "fork-server"
+    daemon.write_config()
+    daemon.signal(signal.SIGHUP)
+    spawn_status(admin, "fork-server")
+    admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "forked-again")})
+    wait_for(lambda: starts(tmp_path, "forked-again"), message="the program after the switch back")
+    assert parent_of(pid_of(tmp_path, "forked-again")) == server_pid(admin)
