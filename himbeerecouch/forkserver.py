@@ -117,6 +117,26 @@ def _fresh_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+def _retitle(argv: list[str]) -> None:
+    """Show `argv` as this process's command line (ps, pgrep -a), written over the server's,
+    which is longer: a forked program looks as `python3 -u -P -m himbeerecouch.child` does.
+    Best effort: where /proc/self/mem cannot be written, it keeps the server's."""
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])          # arg_start, arg_end (proc(5))
+        data = b"\0".join(os.fsencode(arg) for arg in argv) + b"\0"
+        if len(data) > end - start:
+            return
+        fd = os.open("/proc/self/mem", os.O_WRONLY)
+        try:
+            os.pwrite(fd, data.ljust(end - start, b"\0"), start)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, IndexError):
+        pass
+
+
 def _become_program(request: dict, fds: list[int], server_fds: list[int]) -> _ProgramStart:
     """In the forked child: only its own descriptors, session, signals, environment, directory."""
     os.setsid()
@@ -132,6 +152,7 @@ def _become_program(request: dict, fds: list[int], server_fds: list[int]) -> _Pr
     for target, fd in enumerate(high):
         os.dup2(fd, target)
     os.closerange(PROGRAM_FDS, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+    _retitle([sys.orig_argv[0], "-u", "-P", "-m", "himbeerecouch.child"])
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])

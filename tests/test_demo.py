@@ -131,12 +131,9 @@ class Demo:
         def complete():
             self.processes = tree(self.pid)
             lines = [cmdline(pid) for pid in self.processes]
-            # The program: a fresh interpreter (spawn = exec), or a fork of the fork server,
-            # whose command line it keeps (the server and one program: two such lines).
-            program = (any("himbeerecouch.child" in line for line in lines)
-                       or sum("himbeerecouch.forkserver" in line for line in lines) >= 2)
-            return program and all(any(part in line for line in lines)
-                                   for part in ("scripts/couch-server", "bin/pouchdb-server", "himbeerecouch run"))
+            return all(any(part in line for line in lines)
+                       for part in ("scripts/couch-server", "bin/pouchdb-server", "himbeerecouch run",
+                                    "himbeerecouch.child"))
         wait_for(complete, timeout=10, message=f"the demo's processes: {self.processes}")
 
     def close_terminal(self) -> None:

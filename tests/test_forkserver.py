@@ -73,6 +73,7 @@ def main():
         "random": random.random(), "ppid": os.getppid(),
         "unbuffered": not sys.stdout.line_buffering or sys.flags.unbuffered,
         "stdin": os.readlink("/proc/self/fd/0"),
+        "cmdline": [arg.decode() for arg in open("/proc/self/cmdline", "rb").read().split(b"\\0") if arg],
     }
     with open(os.path.join(FOLDER, "LABEL-" + str(os.getpid())), "w") as f:
         json.dump(portrait, f)
@@ -118,6 +119,8 @@ def test_a_program_from_the_fork_server_looks_like_a_fresh_interpreter(admin, ma
     assert fork_a["signals"] == exec_a["signals"], (fork_a["signals"], exec_a["signals"])
     assert fork_a["env"] == exec_a["env"]
     assert fork_a["argv"] == exec_a["argv"]
+    # ps shows a forked program as what it would be with exec.
+    assert fork_a["cmdline"] == exec_a["cmdline"], (fork_a["cmdline"], exec_a["cmdline"])
     assert os.path.basename(fork_a["cwd"]) == os.path.basename(exec_a["cwd"]).replace("exec", "fork-server")
 
 
