@@ -326,3 +326,28 @@ def test_sighup_switches_between_the_modes(admin, make_daemon, tmp_path):
     admin.put({"_id": "p", "type": MACID, "code": marker_program(tmp_path, "forked-again")})
     wait_for(lambda: starts(tmp_path, "forked-again"), message="the program after the switch back")
     assert parent_of(pid_of(tmp_path, "forked-again")) == server_pid(admin)
+
+
+@pytest.mark.parametrize("mode", ["fork-server", "exec"])
+def test_a_program_ends_as_an_interpreter_would(admin, make_daemon, tmp_path, mode):
+    # Non-daemon threads are waited for, atexit functions run, the exit code or message is kept.
+    ender = f'''
+import atexit, os, sys, threading, time
+def main():
+    def late():
+        time.sleep(0.3)
+        open(os.path.join({str(tmp_path)!r}, "thread-done"), "w").close()
+    threading.Thread(target=late).start()
+    atexit.register(lambda: open(os.path.join({str(tmp_path)!r}, "atexit-ran"), "w").close())
+    print("bye")
+    sys.exit(3)
+'''
+    admin.put({"_id": "ender", "type": MACID, "code": ender, "restart": "no"})
+    admin.put({"_id": "talker", "type": MACID, "code": "import sys\ndef main():\n    sys.exit('a message')\n",
+               "restart": "no"})
+    daemon = make_daemon(spawn=mode)
+    daemon.start()
+    daemon.wait_log("ender: exited with code 3")
+    daemon.wait_log("talker: exited with code 1")
+    assert (tmp_path / "thread-done").exists() and (tmp_path / "atexit-ran").exists()
+    assert "ender: bye" in daemon.log() and "talker: a message" in daemon.log()
