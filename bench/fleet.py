@@ -9,7 +9,8 @@ For each mode and each N:
 - push p50/p99: milliseconds from the return of the PUT of a code document for the real daemon
   to its program's first action (a marker file), --pushes times, on an otherwise quiet
   database ("quiet"), and while the simulated fleet writes its status documents at the rate
-  N / --fleet-interval writes a second ("loaded", --loaded-pushes times).
+  N / --fleet-interval writes a second ("loaded", --loaded-pushes times), with the server's CPU
+  seconds per second meanwhile (2.0 is all of this box's two cores) and per write done.
 
 Modes (--mode, repeatable; default both):
   same      status documents in the code database, as the original (before)
@@ -227,14 +228,21 @@ def measure(server: CouchServer, tmp: Path, mode: str, devices: int, args: argpa
         fleet.rate = len(macids) / args.fleet_interval
         fleet.start()
         time.sleep(5)                                        # the fleet's writes are under way
+        begin, t0, written = server_cpu(pid), time.monotonic(), fleet.written
         loaded = push_latencies(admin, markers, args.loaded_pushes, 1 + args.pushes)
+        loaded_cpu, loaded_elapsed = server_cpu(pid) - begin, time.monotonic() - t0
+        loaded_written = fleet.written - written
         fleet.stop()
         result = {
             "mode": mode, "devices": devices, "load_1min": round(load_before, 2),
             "idle_cpu_per_s": round(idle_rate, 4),
             "cpu_per_write_s": round(cpu / args.writes, 4),
             "quiet": summary(quiet),
-            "loaded": {"writes_per_s": round(fleet.rate, 1), **summary(loaded)},
+            "loaded": {"writes_per_s": round(fleet.rate, 1),
+                       "writes_done_per_s": round(loaded_written / loaded_elapsed, 1),
+                       "server_cpu_per_s": round(loaded_cpu / loaded_elapsed, 3),
+                       "cpu_per_write_s": round(loaded_cpu / max(1, loaded_written), 4),
+                       **summary(loaded)},
             "feeds_closed": feeds.closed,
         }
         print(json.dumps(result), flush=True)

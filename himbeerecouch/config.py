@@ -26,6 +26,7 @@ class ConfigError(Exception):
 class Config:
     server: str = ""                      # empty: read <state_dir>/server (original location)
     database: str = "nedm/raspberries"
+    status_database: str = ""             # where the status document goes; empty: `database`
     interface: str = "eth0"
     interface_wait_seconds: float = 20.0  # early in a boot, wait this long for `interface` to appear
     macid: int | None = None              # overrides the MacID derived from the interface
@@ -34,7 +35,7 @@ class Config:
     ca_file: str = ""
     password_scheme: str = "random"
     feed_heartbeat_seconds: float = 10.0  # the feed is dead after 3 heartbeats of silence
-    status_interval_seconds: float = 30.0
+    status_interval_seconds: float = 300.0   # keep-alive: rewrite when nothing changed
     restart_backoff_max_seconds: float = 60.0
     offline_start_seconds: float = 10.0   # at start, wait this long for the server before the cache
     start_seconds: float = 5.0            # a run this long counts as a good start (resets back-off)
@@ -50,6 +51,11 @@ class Config:
     log_level: str = "INFO"
     spawn: str = "fork-server"           # how programs start: fork-server (preloaded) or exec (fresh)
     boot_config: str = DEFAULT_BOOT_FILE  # per-card settings; they win; empty: none
+
+    @property
+    def status_db_name(self) -> str:
+        """The database of the status document: `status_database`, else the code database."""
+        return self.status_database or self.database
 
     @property
     def server_file(self) -> Path:
@@ -171,6 +177,10 @@ def _database(raw: str) -> str:
     return value
 
 
+def _optional_database(raw: str) -> str:
+    return _database(raw) if raw.strip() else ""
+
+
 def _interface(raw: str) -> str:
     value = raw.strip()
     if not 0 < len(value) < 16 or not value.isprintable() or any(ch.isspace() or ch == "/" for ch in value) \
@@ -192,6 +202,7 @@ def _address(raw: str) -> str:
 VALIDATORS: dict[str, Callable[[str], object]] = {
     "server": _server,
     "database": _database,
+    "status_database": _optional_database,
     "interface": _interface,
     "interface_wait_seconds": _seconds,
     "macid": _optional(_whole(0, 2 ** 48 - 1, " (a MAC address has 48 bits)")),

@@ -162,6 +162,12 @@ class Daemon:
         return Database(self.server_url, self.config.database, credentials=self._credentials(),
                         ca_file=self.config.ca_file, timeout=self.config.request_timeout_seconds)
 
+    def _connect_status(self) -> Database:
+        """The status document's database: a write there wakes no device's changes feed when it
+        is not the code database (`status_database`)."""
+        return Database(self.server_url, self.config.status_db_name, credentials=self._credentials(),
+                        ca_file=self.config.ca_file, timeout=self.config.request_timeout_seconds)
+
     def _start_threads(self) -> None:
         # Events of threads replaced since (SIGHUP, provisioning) are dropped: they end only
         # at their next line.
@@ -172,6 +178,8 @@ class Daemon:
                         "last-known code only", self.config.server_file)
             return
         log.info("MacID %d, database %s on %s", self.macid, self.config.database, redact(self.server_url))
+        if self.config.status_db_name != self.config.database:
+            log.info("status document in database %s", self.config.status_db_name)
         generation = self._generation
         self.follower = Follower(connect=self._connect, macid=self.macid, since=self.state.load_seq(),
                                  heartbeat_seconds=self.config.feed_heartbeat_seconds,
@@ -185,7 +193,7 @@ class Daemon:
                               output_cap=self.config.command_output_cap_bytes, workdir=self.commands_workdir))
             self.commands.start()
             self._commands_key = self._connection_key()
-        self.writer = StatusWriter(connect=self._connect, doc_id=f"{self.macid}_heartbeat",
+        self.writer = StatusWriter(connect=self._connect_status, doc_id=f"{self.macid}_heartbeat",
                                    interval=self.config.status_interval_seconds, started=self.started)
         self.follower.start()
         self.writer.start()

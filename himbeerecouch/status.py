@@ -1,8 +1,11 @@
 """The status (heartbeat) document `<MacID>_heartbeat`, written off the main loop.
 
 The main loop publishes the newest status whenever something changed; this thread writes the
-newest one it has, at once and then every `interval` seconds, so a slow or absent server never
-holds up the programs. A conflict (someone else wrote the document) is resolved by taking the
+newest one it has at once, and otherwise only every `interval` seconds as a keep-alive
+(`status_interval_seconds`, 300 by default): on CouchDB every write to the code database is
+evaluated by every device's changes feed, so a fleet that rewrote its status every 30 s would
+cost the server O(devices^2). The document says its own interval (`status_interval`), from which
+readers judge it stale. A slow or absent server never holds up the programs. A conflict (someone else wrote the document) is resolved by taking the
 server's `_rev` and writing again: the device owns this document.
 """
 from __future__ import annotations
@@ -126,7 +129,8 @@ class StatusWriter(threading.Thread):
             if self._db is None:
                 self._db = self._connect()
             doc = {"_id": self.doc_id, **status, "type": "heartbeat",
-                   "ip": local_ip(self._db.server_url), "timestamp": now_iso()}
+                   "ip": local_ip(self._db.server_url), "timestamp": now_iso(),
+                   "status_interval": self.interval}
             if self.started is not None:
                 # Rewritten every interval even when nothing else changed: it must be current.
                 doc["uptime"] = round(time.time() - self.started)

@@ -14,6 +14,7 @@ from himbeerecouch.config import Config
 GOOD = {
     "server": ("https://couch.example.org:6984", "https://couch.example.org:6984"),
     "database": ("site/pis", "site/pis"),
+    "status_database": ("site/pis_status", "site/pis_status"),
     "interface": ("wlan0", "wlan0"),
     "interface_wait_seconds": ("7.5", 7.5),
     "macid": ("0x10", 16),
@@ -44,6 +45,7 @@ DURATION_BAD = ["", "soon", "0", "-1", "nan", "inf", "-inf", "1e300", "1e-300"]
 BAD = {
     "server": ["ftp://h", "couch.example.org", "http://", "http://h:99999", "http://h/ x", "https://u:secret@"],
     "database": ["", "Site", "has space", "_users", "/x"],
+    "status_database": ["Site", "has space", "_users", "/x"],
     "interface": ["", "a" * 16, "eth 0", "../x"],
     "macid": ["twelve", "-1", "1.5", str(2 ** 48)],
     "state_dir": ["", "var/rspby", "/a\x00b"],
