@@ -1,11 +1,12 @@
 """Operator commands: setup-db, add-device, add-user, push, cmd, status (subcommands of `himbeerecouch`).
 
 Where the server and the operator's credentials come from, first found wins:
-  options (--server, --database, --user, --ca-file, --password-file),
-  environment (COUCHDB_URL, COUCHDB_DATABASE, COUCHDB_USER, COUCHDB_PASSWORD, COUCHDB_CA_FILE),
+  options (--server, --database, --status-database, --user, --ca-file, --password-file),
+  environment (COUCHDB_URL, COUCHDB_DATABASE, COUCHDB_STATUS_DATABASE, COUCHDB_USER,
+  COUCHDB_PASSWORD, COUCHDB_CA_FILE),
   the operator's config file (--admin-config, HIMBEERECOUCH_ADMIN_CONFIG, or
   ~/.config/himbeerecouch/admin.conf; INI section [himbeerecouch-admin] with keys server,
-  database, user, password, ca_file), and the URL's own user:password.
+  database, status_database, user, password, ca_file), and the URL's own user:password.
 A password is never taken from an option (it would show in process listings); without one, an
 interactive terminal is asked for it.
 """
@@ -64,6 +65,10 @@ class Connection:
     user: str | None
     password: str | None
     ca_file: str
+    status_database: str | None = None     # the devices' status documents; None: `database`
+
+    def open_status(self) -> Database:
+        return self.open(self.status_database or self.database)
 
     def open(self, name: str | None = None) -> Database:
         from .couch import Database
@@ -75,6 +80,9 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server (see also COUCHDB_URL, COUCHDB_USER, COUCHDB_PASSWORD)")
     group.add_argument("--server", metavar="URL", help="CouchDB server URL (COUCHDB_URL)")
     group.add_argument("--database", metavar="NAME", help=f"database (COUCHDB_DATABASE; default {DEFAULT_DATABASE})")
+    group.add_argument("--status-database", metavar="NAME",
+                       help="database of the devices' status documents, when the devices' "
+                            "status_database names one (COUCHDB_STATUS_DATABASE; default: --database)")
     group.add_argument("--user", metavar="NAME", help="operator's CouchDB user (COUCHDB_USER)")
     group.add_argument("--password-file", metavar="FILE", help="read the operator's password from FILE")
     group.add_argument("--ca-file", metavar="FILE", help="CA bundle for the server's TLS certificate (COUCHDB_CA_FILE)")
@@ -138,7 +146,9 @@ def resolve_connection(args: argparse.Namespace, environ=os.environ, stdin: Text
             raise OperatorError(f"cannot read the CA file {ca_file}: {error.strerror or error}") from None
     return Connection(server=server, database=args.database or environ.get("COUCHDB_DATABASE")
                       or stored.get("database") or DEFAULT_DATABASE,
-                      user=user, password=password, ca_file=ca_file)
+                      user=user, password=password, ca_file=ca_file,
+                      status_database=args.status_database or environ.get("COUCHDB_STATUS_DATABASE")
+                      or stored.get("status_database") or None)
 
 
 def _prompt(question: str) -> str:
@@ -162,8 +172,18 @@ def _split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
 
 # ---- setup-db -------------------------------------------------------------------------------
 
-def setup_db(db: Database) -> list[str]:
-    """Bring the database to what the daemon and the rights model need; lists what changed."""
+def setup_db(db: Database, status_db: Database | None = None) -> list[str]:
+    """Bring the database (and the status database, when the devices have one of their own) to
+    what the daemon and the rights model need; lists what changed."""
+    changes = _setup_one(db)
+    if status_db is not None and status_db.name != db.name:
+        changes += [f"{change} (status database)" if status_db.name not in change else change
+                    for change in _setup_one(status_db)]
+    return changes
+
+
+def _setup_one(db: Database) -> list[str]:
+    """The same rules in either database: a device writes only its own `<MacID>_` documents."""
     changes = []
     if not db.exists():
         db.create()
@@ -287,7 +307,7 @@ def read_new_password(args: argparse.Namespace, stdin: TextIO) -> str | None:
 
 
 def add_user(users: Database, db: Database, name: str, roles: list[str],
-             password: str | None) -> list[str]:
+             password: str | None, status_db: Database | None = None) -> list[str]:
     """Create or update the CouchDB user `name` with `roles` added to those it has, and make
     each role a member of `db` (which exists: cmd_add_user checks, before asking for the password);
     lists what was done. password None: keep the user's own."""
@@ -315,6 +335,8 @@ def add_user(users: Database, db: Database, name: str, roles: list[str],
             + (f" ({', '.join(added)} added)" if current and added else "")
             + ("; password kept" if password is None else "")]
     done += _grant(db, roles)
+    if status_db is not None and status_db.name != db.name and status_db.exists():
+        done += _grant(status_db, roles)
     return done
 
 
@@ -402,13 +424,29 @@ def _human(seconds: float | None) -> str:
     return f"{max(0, seconds):.0f}s ago"
 
 
-def status_table(heartbeats: list[dict], stale_after: float, now: datetime | None = None) -> str:
+DEFAULT_STALE_AFTER = 120.0     # at least; and two of the device's own keep-alive intervals + 60 s
+
+
+def stale_after_for(doc: dict, stale_after: float | None = None) -> float:
+    """When a status document is stale: `stale_after` when the operator gives it, else two of
+    the keep-alive intervals the document states (`status_interval`; 30 s for daemons that do
+    not say, as the original and older versions rewrote it that often) and a minute, at
+    least DEFAULT_STALE_AFTER."""
+    if stale_after is not None:
+        return stale_after
+    interval = doc.get("status_interval")
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0:
+        interval = 30.0
+    return max(DEFAULT_STALE_AFTER, 2 * interval + 60)
+
+
+def status_table(heartbeats: list[dict], stale_after: float | None, now: datetime | None = None) -> str:
     now = now or datetime.now(timezone.utc)
     rows = [("MACID", "LAST SEEN", "IP", "VERSION", "PROGRAMS", "LAST ERROR")]
     for doc in sorted(heartbeats, key=lambda d: str(d.get("macid") or d.get("_id"))):
         age = _age(doc.get("timestamp"), now)
         seen = _human(age)
-        if age is None or age > stale_after:
+        if age is None or age > stale_after_for(doc, stale_after):
             seen += " STALE"
         elif doc.get("daemon") == "stopped":
             seen += " (stopped)"
@@ -437,7 +475,8 @@ def heartbeats(db: Database, macid: int | None) -> list[dict]:
 # ---- the subcommands ------------------------------------------------------------------------
 
 def cmd_setup_db(args: argparse.Namespace, connection: Connection) -> int:
-    changes = setup_db(connection.open())
+    status_db = connection.open_status() if connection.status_database else None
+    changes = setup_db(connection.open(), status_db)
     if changes:
         for change in changes:
             print(change)
@@ -468,7 +507,8 @@ def cmd_add_user(args: argparse.Namespace, connection: Connection) -> int:
     if not db.exists():                             # before the password is asked for
         raise OperatorError(f"there is no database {db.name}: run himbeerecouch setup-db first")
     password = read_new_password(args, sys.stdin)
-    for line in add_user(db.sibling("_users"), db, args.name, roles, password):
+    status_db = connection.open_status() if connection.status_database else None
+    for line in add_user(db.sibling("_users"), db, args.name, roles, password, status_db):
         print(line)
     if args.generate_password:
         print(f"password: {password}")
@@ -495,7 +535,7 @@ def cmd_cmd(args: argparse.Namespace, connection: Connection) -> int:
 
 
 def cmd_status(args: argparse.Namespace, connection: Connection) -> int:
-    docs = heartbeats(connection.open(), args.macid)
+    docs = heartbeats(connection.open_status(), args.macid)
     if args.json:
         print(json.dumps(docs, indent=1))
     elif not docs:
@@ -577,10 +617,13 @@ def add_subcommands(commands) -> None:
                             help="withdraw the command if no device has claimed it within S seconds "
                                  f"(exit {EXIT_WITHDRAWN}); one that is claimed runs, and is waited for")
     status = command("status", cmd_status, "show the fleet's status",
-                     "A table of the devices' status documents: last seen (STALE when older than "
+                     "A table of the devices' status documents (from --status-database when the "
+                     "devices write them there): last seen (STALE when older than "
                      "--stale-after), IP, version, programs with state and restarts, last errors.")
     status.add_argument("macid", type=int, nargs="?")
-    status.add_argument("--stale-after", type=float, default=120, help="seconds (120)")
+    status.add_argument("--stale-after", type=float, metavar="S",
+                        help="seconds after which a device is STALE (default: two of the device's own "
+                             "keep-alive intervals, status_interval_seconds, and a minute; at least 120)")
     status.add_argument("--json", action="store_true", help="the status documents as JSON")
 
 
