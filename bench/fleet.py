@@ -16,7 +16,9 @@ Modes (--mode, repeatable; default both):
   same      status documents in the code database, as the original (before)
   separate  status documents in a database of their own, `status_database` (after)
 
-The simulated feeds are N sockets held by one thread (selectors), not N threads. The last line
+The simulated feeds are N sockets held by one thread (selectors), not N threads.
+--feed-filter compares other filters (the real daemon always uses _selector); --pad-bytes
+makes the status documents larger. The last line
 of output is one JSON object.
 
 Run: .venv/bin/python bench/fleet.py [--devices 100 500] [--mode same --mode separate]
@@ -61,6 +63,10 @@ def main():
 '''
 
 
+DESIGN_FILTER = ("function (doc, req) { var m = req.query.macid; "
+                 "return String(doc.type) === m || doc.type === m + '_cmd'; }")
+
+
 def server_cpu(pid: int) -> float:
     """CPU seconds (user + system) used so far by `pid` and every process below it."""
     total = 0
@@ -81,18 +87,25 @@ def load() -> float:
 class Feeds(threading.Thread):
     """N continuous `_changes` feeds with filter=_selector, one socket each, read by one thread."""
 
-    def __init__(self, port: int, database: str, macids: list[int]) -> None:
+    def __init__(self, port: int, database: str, macids: list[int], kind: str = "selector") -> None:
         super().__init__(name="feeds", daemon=True)
         self.selector = selectors.DefaultSelector()
         self.delivered = 0               # change lines received (a simulated device's own docs)
         self.closed = 0
         self._halt = threading.Event()
         auth = base64.b64encode(":".join(ADMIN).encode()).decode()
-        path = (f"/{quote(database, safe='')}/_changes?feed=continuous&filter=_selector"
-                "&include_docs=true&heartbeat=10000&since=now")
+        path = f"/{quote(database, safe='')}/_changes?feed=continuous&include_docs=true&heartbeat=10000&since=now"
         for macid in macids:
-            body = json.dumps({"selector": documents.feed_selector(macid, [f"code:{macid}:prog"])}).encode()
-            request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Basic {auth}\r\n"
+            if kind == "selector":          # what the daemon does
+                url = path + "&filter=_selector"
+                body = json.dumps({"selector": documents.feed_selector(macid, [f"code:{macid}:prog"])}).encode()
+            elif kind == "doc_ids":         # for comparison: ids known in advance only
+                url = path + "&filter=_doc_ids"
+                body = json.dumps({"doc_ids": [f"code:{macid}:prog", f"{macid}_cmd"]}).encode()
+            else:                           # for comparison: the original's design-document filter
+                url = path + f"&filter=bench/mine&macid={macid}"
+                body = b"{}"
+            request = (f"POST {url} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Basic {auth}\r\n"
                        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
             sock = socket.create_connection(("127.0.0.1", port))
             sock.sendall(request)
@@ -125,8 +138,9 @@ class Feeds(threading.Thread):
 class Fleet(threading.Thread):
     """The simulated devices' status writes, `rate` a second, round-robin over the devices."""
 
-    def __init__(self, client: AdminClient, macids: list[int], rate: float) -> None:
+    def __init__(self, client: AdminClient, macids: list[int], rate: float, pad: int = 0) -> None:
         super().__init__(name="fleet-writer", daemon=True)
+        self.pad = "x" * pad
         self.client, self.macids, self.rate = client, macids, rate
         self.revs: dict[int, str] = {}
         self.written = 0
@@ -136,6 +150,8 @@ class Fleet(threading.Thread):
         doc = {"_id": f"{macid}_heartbeat", "type": "heartbeat", "macid": macid,
                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "running_ids": [],
                "programs": {f"code:{macid}:prog": {"state": "RUNNING", "restarts": 0}}}
+        if self.pad:
+            doc["pad"] = self.pad
         if macid in self.revs:
             doc["_rev"] = self.revs[macid]
         response = self.client.http.put(self.client.url(doc["_id"]), json=doc, timeout=120)
@@ -205,7 +221,11 @@ def measure(server: CouchServer, tmp: Path, mode: str, devices: int, args: argpa
     markers = folder / "markers"
     markers.mkdir(parents=True)
     macids = [FIRST_SIMULATED + i for i in range(devices - 1)]     # the daemon is the N-th
-    feeds = Feeds(server.port, admin.db, macids)
+    if args.feed_filter == "design":
+        response = admin.http.put(f"{admin.base}/{quote(admin.db, safe='')}/_design/bench",
+                                  json={"filters": {"mine": DESIGN_FILTER}}, timeout=10)
+        assert response.status_code == 201, response.text
+    feeds = Feeds(server.port, admin.db, macids, args.feed_filter)
     daemon = DaemonProcess(folder, server.admin_url, admin.db, MACID, **settings)
     pid = server.process.pid
     try:
@@ -216,7 +236,7 @@ def measure(server: CouchServer, tmp: Path, mode: str, devices: int, args: argpa
         begin, t0 = server_cpu(pid), time.monotonic()
         time.sleep(args.idle_seconds)
         idle_rate = (server_cpu(pid) - begin) / (time.monotonic() - t0)
-        fleet = Fleet(status_admin, macids, rate=1.0)
+        fleet = Fleet(status_admin, macids, rate=1.0, pad=args.pad_bytes)
         load_before = load()
         begin, t0 = server_cpu(pid), time.monotonic()
         for i in range(args.writes):
@@ -230,11 +250,12 @@ def measure(server: CouchServer, tmp: Path, mode: str, devices: int, args: argpa
         time.sleep(5)                                        # the fleet's writes are under way
         begin, t0, written = server_cpu(pid), time.monotonic(), fleet.written
         loaded = push_latencies(admin, markers, args.loaded_pushes, 1 + args.pushes)
-        loaded_cpu, loaded_elapsed = server_cpu(pid) - begin, time.monotonic() - t0
+        loaded_cpu, loaded_elapsed = server_cpu(pid) - begin, max(1e-3, time.monotonic() - t0)
         loaded_written = fleet.written - written
         fleet.stop()
         result = {
             "mode": mode, "devices": devices, "load_1min": round(load_before, 2),
+            "feed_filter": args.feed_filter, "pad_bytes": args.pad_bytes,
             "idle_cpu_per_s": round(idle_rate, 4),
             "cpu_per_write_s": round(cpu / args.writes, 4),
             "quiet": summary(quiet),
@@ -265,6 +286,11 @@ def main() -> int:
     parser.add_argument("--fleet-interval", type=float, default=30.0,
                         help="seconds between two status writes of one simulated device (30)")
     parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--feed-filter", choices=("selector", "doc_ids", "design"), default="selector",
+                        help="the simulated feeds' filter: the daemon's _selector (default); for "
+                             "comparison _doc_ids, or a JavaScript filter in a design document")
+    parser.add_argument("--pad-bytes", type=int, default=0,
+                        help="bytes added to each status document written (does the size matter?)")
     parser.add_argument("--server", type=Path, default=COUCHDB_LAUNCHER)
     args = parser.parse_args()
     modes = args.mode or ["same", "separate"]

@@ -335,8 +335,12 @@ def add_user(users: Database, db: Database, name: str, roles: list[str],
             + (f" ({', '.join(added)} added)" if current and added else "")
             + ("; password kept" if password is None else "")]
     done += _grant(db, roles)
-    if status_db is not None and status_db.name != db.name and status_db.exists():
-        done += _grant(status_db, roles)
+    if status_db is not None and status_db.name != db.name:
+        if status_db.exists():
+            done += _grant(status_db, roles)
+        else:
+            done.append(f"there is no status database {status_db.name}: himbeerecouch setup-db "
+                        "--status-database makes it (and its members)")
     return done
 
 

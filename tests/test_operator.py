@@ -27,7 +27,7 @@ def operator_env(user=ADMIN, server=None, couch=None) -> dict:
     (server=False: no COUCHDB_URL, for a test that names it otherwise)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("HIMBEERECOUCH_ADMIN_CONFIG", "COUCHDB_URL", "COUCHDB_USER", "COUCHDB_PASSWORD",
-                        "COUCHDB_DATABASE", "COUCHDB_CA_FILE")}
+                        "COUCHDB_DATABASE", "COUCHDB_STATUS_DATABASE", "COUCHDB_CA_FILE")}
     if server is not False:
         env["COUCHDB_URL"] = server or couch.url
     if user:
