@@ -469,11 +469,21 @@ def status_table(heartbeats: list[dict], stale_after: float | None, now: datetim
                      for row in rows).rstrip() + "\n"
 
 
-def heartbeats(db: Database, macid: int | None) -> list[dict]:
-    if macid is not None:
-        doc = db.get(f"{macid}_heartbeat")
-        return [doc] if doc else []
-    return db.find({"type": "heartbeat"})
+def heartbeats(db: Database, macid: int | None, *also: Database) -> list[dict]:
+    """The status documents in `db`, and in the databases `also` (a fleet moving to a status
+    database: some devices still write into the code database); per device the newest one."""
+    newest: dict[str, dict] = {}
+    for each in (db, *also):
+        if macid is not None:
+            doc = each.get(f"{macid}_heartbeat")
+            docs = [doc] if doc else []
+        else:
+            docs = each.find({"type": "heartbeat"})
+        for doc in docs:
+            kept = newest.get(doc["_id"])
+            if kept is None or str(doc.get("timestamp") or "") > str(kept.get("timestamp") or ""):
+                newest[doc["_id"]] = doc
+    return list(newest.values())
 
 
 # ---- the subcommands ------------------------------------------------------------------------
@@ -539,7 +549,8 @@ def cmd_cmd(args: argparse.Namespace, connection: Connection) -> int:
 
 
 def cmd_status(args: argparse.Namespace, connection: Connection) -> int:
-    docs = heartbeats(connection.open_status(), args.macid)
+    also = [connection.open()] if connection.status_database not in (None, connection.database) else []
+    docs = heartbeats(connection.open_status(), args.macid, *also)
     if args.json:
         print(json.dumps(docs, indent=1))
     elif not docs:
@@ -621,8 +632,8 @@ def add_subcommands(commands) -> None:
                             help="withdraw the command if no device has claimed it within S seconds "
                                  f"(exit {EXIT_WITHDRAWN}); one that is claimed runs, and is waited for")
     status = command("status", cmd_status, "show the fleet's status",
-                     "A table of the devices' status documents (from --status-database when the "
-                     "devices write them there): last seen (STALE when older than "
+                     "A table of the devices' status documents (with --status-database, from there and "
+                     "from the database, the newest of each device): last seen (STALE when older than "
                      "--stale-after), IP, version, programs with state and restarts, last errors.")
     status.add_argument("macid", type=int, nargs="?")
     status.add_argument("--stale-after", type=float, metavar="S",

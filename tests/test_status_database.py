@@ -107,8 +107,14 @@ def test_setup_db_and_status_use_the_status_database_and_devices_write_only_thei
         one = hc("status", str(PI), "--json", "--database", admin.db, "--status-database", status_name,
                  user=deployer, couch=couch)
         assert json.loads(one.stdout)[0]["macid"] == PI
-        # Without --status-database, status reads the code database, where this fleet wrote nothing.
-        assert hc("status", "--database", admin.db, user=deployer, couch=couch).returncode == 1
+        # A device not moved over yet still writes into the code database: status shows it too.
+        admin.put({"_id": "111_heartbeat", "type": "heartbeat", "macid": 111, "timestamp": "2020-01-01T00:00:00Z"})
+        both = hc("status", "--database", admin.db, "--status-database", status_name, user=deployer, couch=couch)
+        rows = {line.split()[0]: line for line in both.stdout.splitlines()[1:]}
+        assert set(rows) == {"111", str(PI)} and "STALE" in rows["111"], both.stdout
+        # Without --status-database, status reads the code database only.
+        alone = hc("status", "--database", admin.db, user=deployer, couch=couch)
+        assert [line.split()[0] for line in alone.stdout.splitlines()[1:]] == ["111"], alone.stdout
     finally:
         status.drop_db()
 
