@@ -197,6 +197,7 @@ class Daemon:
                                    interval=self.config.status_interval_seconds, started=self.started)
         self.follower.start()
         self.writer.start()
+        self._mark_status()            # a new writer (SIGHUP, provisioning) has nothing to write yet
 
     def _start_discovery(self) -> None:
         """Listen for LAN provisioning while no server is known (or when told to stay open)."""

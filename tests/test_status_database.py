@@ -130,3 +130,15 @@ def test_status_judges_staleness_by_the_devices_own_interval():
     assert "STALE" not in rows["1"] and "STALE" in rows["2"] and "STALE" in rows["3"]
     rows = {line.split()[0]: line for line in status_table(docs, 3600, now).splitlines()[1:]}
     assert not any("STALE" in row for row in rows.values())
+
+
+def test_sighup_moves_the_status_to_a_newly_named_status_database(admin, status_db, make_daemon):
+    import signal
+    daemon = make_daemon()
+    daemon.start()
+    wait_for(lambda: admin.get(f"{MACID}_heartbeat"), message="the status in the code database")
+    daemon.settings["status_database"] = status_db.db
+    daemon.write_config()
+    daemon.signal(signal.SIGHUP)
+    doc = wait_for(lambda: status_db.get(f"{MACID}_heartbeat"), message="the status in the status database")
+    assert doc["macid"] == MACID and doc["daemon"] == "running"
