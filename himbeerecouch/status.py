@@ -77,6 +77,10 @@ def summary(programs: dict[str, Program], server_url: str, feed_connected: bool,
 
 class StatusWriter(threading.Thread):
     COALESCE_SECONDS = 0.1      # a burst of changes becomes one write
+    # Writes at most this often, whatever changes: a program that fails and restarts over and
+    # over must not make its Pi write (and wake every feed of the database) at every turn. The
+    # newest status is written once the spacing has passed; nothing published is lost.
+    MIN_SPACING_SECONDS = 2.0
 
     def __init__(self, *, connect: Callable[[], Database], doc_id: str, interval: float,
                  started: float | None = None) -> None:
@@ -89,40 +93,51 @@ class StatusWriter(threading.Thread):
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
+        self._hurry = threading.Event()      # ends the coalescing and spacing wait: stop, last word
         self._rev: str | None = None
         self._db: Database | None = None
         self._failing = False
-        self._last_write = False
+        self._final: dict[str, Any] | None = None     # the last word, once finish() gave it
 
     def publish(self, status: dict[str, Any]) -> None:
         with self._lock:
+            if self._final is not None:
+                return                       # after the last word, nothing
             self._latest = status
         self._wake.set()
 
     def stop(self) -> None:
         self._stop_event.set()
+        self._hurry.set()
         self._wake.set()
 
     def finish(self, status: dict[str, Any], timeout: float) -> None:
         """Write `status` as the last word, waiting at most `timeout` seconds for it."""
-        self._last_write = True
-        self.publish(status)
+        with self._lock:
+            self._latest = self._final = status
+        self._hurry.set()
+        self._wake.set()
         self.join(timeout)
 
     def run(self) -> None:
+        last_write = -float("inf")
         while not self._stop_event.is_set():
             self._wake.wait(self.interval)
             if self._stop_event.is_set():
                 return
-            if not self._last_write:
-                self._stop_event.wait(self.COALESCE_SECONDS)
+            if self._final is None:
+                spacing = last_write + self.MIN_SPACING_SECONDS - time.monotonic()
+                self._hurry.wait(max(self.COALESCE_SECONDS, spacing))
+                if self._stop_event.is_set():
+                    return
             self._wake.clear()
             with self._lock:
-                status = self._latest
+                status, final = self._latest, self._final
             if status is not None:
+                last_write = time.monotonic()
                 self.write(status)
-            if self._last_write:
-                return
+            if final is not None and status is final:
+                return                       # else finish() came during the write: once more
 
     def write(self, status: dict[str, Any]) -> bool:
         try:

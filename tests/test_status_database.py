@@ -8,6 +8,8 @@ import uuid
 
 import pytest
 
+from himbeerecouch.couch import Database
+from himbeerecouch.status import StatusWriter
 from support import AdminClient, marker_program, starts, wait_for
 from test_operator import OTHER, PI, device_session, fleet_db, forget_users, hc  # noqa: F401
 
@@ -65,6 +67,32 @@ def test_the_keep_alive_rewrites_an_unchanged_status(admin, make_daemon):
                      > first["_rev"].split("-")[0] and admin.get(f"{MACID}_heartbeat"),
                      timeout=10, message="a keep-alive rewrite")
     assert later["timestamp"] >= first["timestamp"]
+
+
+def test_a_stream_of_changes_is_written_at_most_every_two_seconds_and_the_newest_last(admin, couch):
+    """A program failing over and over changes the status at every turn: those changes are
+    spaced out, not each one written (every write wakes every feed of the database)."""
+    writer = StatusWriter(connect=lambda: Database(couch.admin_url, admin.db), doc_id="9_heartbeat",
+                          interval=300)
+    writer.start()
+    try:
+        start = time.monotonic()
+        for n in range(20):
+            writer.publish({"n": n})
+            time.sleep(0.2)
+        elapsed = time.monotonic() - start
+        newest = wait_for(lambda: (admin.get("9_heartbeat") or {}).get("n") == 19 and admin.get("9_heartbeat"),
+                          timeout=10, message="the newest status written")
+        writes = int(newest["_rev"].split("-")[0])
+        assert 2 <= writes <= elapsed / StatusWriter.MIN_SPACING_SECONDS + 2, (writes, elapsed)
+        # The last word (a stop) is not held back by the spacing.
+        writer.publish({"n": "changed"})
+        writer.finish({"n": "stopped"}, timeout=1.0)
+        assert not writer.is_alive()
+        assert admin.get("9_heartbeat")["n"] == "stopped"
+    finally:
+        writer.stop()
+        writer.join(5)
 
 
 def test_setup_db_and_status_use_the_status_database_and_devices_write_only_their_own(
