@@ -107,8 +107,12 @@ class _ProgramStart:
         # the teardown (every preloaded module's objects, shared with the server) would cost
         # ~15 ms of every restart and copy pages for nothing. Anything but an exit request
         # (an exception) goes the interpreter's whole way.
-        threading._shutdown()                # waits for the program's non-daemon threads
-        atexit._run_exitfuncs()
+        shutdown = getattr(threading, "_shutdown", None)       # CPython's own, not public API:
+        run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)  # without them, the whole way
+        if shutdown is None or run_exitfuncs is None:
+            sys.exit(code)
+        shutdown()                           # waits for the program's non-daemon threads
+        run_exitfuncs()
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)     # sys.exit("message"), as Python reports it
             code = 1
