@@ -313,6 +313,10 @@ class TestLifecycle:
         heartbeat = wait_for(lambda: story.admin.get(f"{story.macid}_heartbeat"), 30,
                              message="the status document")
         assert "pkgtest" in heartbeat["running_ids"]
+        # Under the unit's sandbox (seccomp filter, no capabilities) programs come from the fork
+        # server: pidfds, SCM_RIGHTS and the server's preload all work there.
+        assert heartbeat["spawn"]["mode"] == "fork-server" and heartbeat["spawn"]["error"] is None, heartbeat["spawn"]
+        assert heartbeat["programs"]["pkgtest"]["spawn"] == "fork-server", heartbeat["programs"]["pkgtest"]
 
     def test_watchdog_restarts_a_stopped_daemon(self, story, timings):
         before = story.daemon()
