@@ -58,8 +58,11 @@ def redact(url: str) -> str:
 
 
 def doc_path(doc_id: str) -> str:
-    # Every character that means something in a URL path is escaped, `/` included.
-    return quote(doc_id, safe="")
+    # Every character that means something in a URL path is escaped, `/` included, and so are
+    # the ids "." and "..", which HTTP clients drop as path segments (the request would go to
+    # the database, or the server).
+    quoted = quote(doc_id, safe="")
+    return quoted.replace(".", "%2E") if set(quoted) == {"."} else quoted
 
 
 def describe_error(error: BaseException) -> str:

@@ -166,6 +166,12 @@ def make_server(tmp: Path) -> CouchServer | ExternalServer:
     return CouchServer(free_port(), tmp / "server.log")
 
 
+def segment(text: str) -> str:
+    """`text` as one segment of a URL path: "." and ".." too, which clients drop otherwise."""
+    quoted = quote(text, safe="")
+    return quoted.replace(".", "%2E") if set(quoted) == {"."} else quoted
+
+
 class AdminClient:
     """Plain HTTP as an operator would use it (curl-like), to set up and inspect test data."""
 
@@ -176,7 +182,7 @@ class AdminClient:
         self.http.auth = ADMIN
 
     def url(self, *parts: str) -> str:
-        return "/".join([self.base, quote(self.db, safe="")] + [quote(p, safe="") for p in parts])
+        return "/".join([self.base, quote(self.db, safe="")] + [segment(p) for p in parts])
 
     def create_db(self) -> None:
         response = self.http.put(self.url(), timeout=10)

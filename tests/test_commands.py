@@ -46,6 +46,17 @@ def test_a_command_runs_once_and_its_output_is_written_back(couch, admin, device
     assert heartbeat["macid"] == MACID
 
 
+@pytest.mark.parametrize("doc_id", [".", "..", "a/b", "?x=1#y"])
+def test_a_command_whose_id_means_something_in_a_url_is_answered(admin, device, doc_id):
+    """"." and ".." are path segments to an HTTP client, which drops them: the answer would go
+    to the database itself, not to the command."""
+    daemon = device()
+    daemon.start()
+    admin.put({"_id": doc_id, "type": CMD, "cmd": ["echo", "hi"]})
+    doc = result(admin, doc_id)
+    assert doc["ret"] == ["hi\n", ""] and doc["returncode"] == 0, doc
+
+
 @pytest.mark.parametrize("cmd, reason", [
     ("uname -a", "'cmd' must be a list of strings"),
     ([1, 2], "every element of 'cmd' must be a string"),
