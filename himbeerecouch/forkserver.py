@@ -16,7 +16,8 @@ The protocol, on one AF_UNIX SOCK_SEQPACKET socket (one JSON object per message)
     server -> daemon   {"exited": pid, "status": wait status}  when the server has reaped one
 
 Each program process becomes what `python3 -u -P -m himbeerecouch.child` would be: its own session
-and process group, signal dispositions as a fresh interpreter has them, only its own descriptors
+and process group, the signal dispositions the server itself started with (those of a fresh
+interpreter started by the daemon, ignored signals included), only its own descriptors
 (0-2, the report pipe as 3, the program as 4), the environment and working directory the daemon
 sent, the random generator seeded afresh. No program code ever runs in the server, so the modules
 of one program are never seen by the next.
@@ -124,20 +125,30 @@ class _ProgramStart:
         os._exit((code or 0) & 0xFF)
 
 
-def _fresh_signals() -> None:
-    """Dispositions as a fresh `python3` has them: default, but SIGPIPE and SIGXFSZ ignored and
-    SIGINT raising KeyboardInterrupt."""
+def starting_signals() -> dict[int, Any]:
+    """This process's signal dispositions as it started: those of a fresh `python3` exec'd by
+    the daemon (default, SIGPIPE and SIGXFSZ ignored, SIGINT raising KeyboardInterrupt), and any
+    signal the daemon itself found ignored (a shell's `&` ignores SIGINT and SIGQUIT), which an
+    exec'd program keeps too."""
+    found = {}
     for signum in signal.valid_signals():
         if signum in (signal.SIGKILL, signal.SIGSTOP):
             continue
         try:
-            signal.signal(signum, signal.SIG_DFL)
+            handler = signal.getsignal(signum)
+        except (OSError, ValueError):
+            continue
+        if handler is not None:          # None: set outside Python; left alone
+            found[signum] = handler
+    return found
+
+
+def _restore_signals(dispositions: dict[int, Any]) -> None:
+    for signum, handler in dispositions.items():
+        try:
+            signal.signal(signum, handler)
         except (OSError, ValueError):
             pass                 # the C library's reserved real-time signals
-    for name in ("SIGPIPE", "SIGXFSZ"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
@@ -161,11 +172,12 @@ def _retitle(argv: list[str]) -> None:
         pass
 
 
-def _become_program(request: dict, fds: list[int], server_fds: list[int]) -> _ProgramStart:
+def _become_program(request: dict, fds: list[int], server_fds: list[int],
+                    dispositions: dict[int, Any]) -> _ProgramStart:
     """In the forked child: only its own descriptors, session, signals, environment, directory."""
     os.setsid()
     signal.set_wakeup_fd(-1)
-    _fresh_signals()
+    _restore_signals(dispositions)
     for fd in server_fds:
         os.close(fd)
     # Above every number they go to, then down into place: 0-2 the standard streams, 3 the
@@ -199,6 +211,7 @@ def _preload() -> list[str]:
 def serve(sock: socket.socket) -> _ProgramStart | None:
     """The server's loop; returns in the forked program processes (with what they run) and, with
     None, when the daemon has closed its end."""
+    dispositions = starting_signals()                # what each program starts with
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)        # the daemon's business, not the server's
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -244,7 +257,7 @@ def serve(sock: socket.socket) -> _ProgramStart | None:
                 send(sock, {"error": f"fork: {error.strerror or error}"})
                 continue
             if pid == 0:
-                return _become_program(request, fds, [sock.detach(), wake_read, wake_write])
+                return _become_program(request, fds, [sock.detach(), wake_read, wake_write], dispositions)
             for received in fds:
                 os.close(received)
             try:

@@ -234,12 +234,19 @@ class DaemonProcess:
         lines = ["[himbeerecouch]"] + [f"{k} = {v}" for k, v in self.settings.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
 
-    def start(self, env: dict | None = None) -> None:
+    def start(self, env: dict | None = None, ignored_signals: tuple[int, ...] = ()) -> None:
+        """`ignored_signals`: started with these ignored, as a shell's background job (`&`)
+        starts with SIGINT and SIGQUIT ignored."""
         environment = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         environment.update(env or {})
+
+        def ignore() -> None:
+            for signum in ignored_signals:
+                signal.signal(signum, signal.SIG_IGN)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "himbeerecouch", "run", "--config", str(self.config_path)],
-            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "ab"), env=environment, cwd=ROOT)
+            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "ab"), env=environment, cwd=ROOT,
+            preexec_fn=ignore if ignored_signals else None)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
