@@ -70,6 +70,12 @@ class Connection:
     def open_status(self) -> Database:
         return self.open(self.status_database or self.database)
 
+    def separate_status(self) -> Database | None:
+        """The status database when it is not the code database, else None."""
+        if self.status_database in (None, self.database):
+            return None
+        return self.open(self.status_database)
+
     def open(self, name: str | None = None) -> Database:
         from .couch import Database
         credentials = (self.user, self.password) if self.user and self.password is not None else None
@@ -489,8 +495,7 @@ def heartbeats(db: Database, macid: int | None, *also: Database) -> list[dict]:
 # ---- the subcommands ------------------------------------------------------------------------
 
 def cmd_setup_db(args: argparse.Namespace, connection: Connection) -> int:
-    status_db = connection.open_status() if connection.status_database else None
-    changes = setup_db(connection.open(), status_db)
+    changes = setup_db(connection.open(), connection.separate_status())
     if changes:
         for change in changes:
             print(change)
@@ -521,8 +526,7 @@ def cmd_add_user(args: argparse.Namespace, connection: Connection) -> int:
     if not db.exists():                             # before the password is asked for
         raise OperatorError(f"there is no database {db.name}: run himbeerecouch setup-db first")
     password = read_new_password(args, sys.stdin)
-    status_db = connection.open_status() if connection.status_database else None
-    for line in add_user(db.sibling("_users"), db, args.name, roles, password, status_db):
+    for line in add_user(db.sibling("_users"), db, args.name, roles, password, connection.separate_status()):
         print(line)
     if args.generate_password:
         print(f"password: {password}")
@@ -549,7 +553,7 @@ def cmd_cmd(args: argparse.Namespace, connection: Connection) -> int:
 
 
 def cmd_status(args: argparse.Namespace, connection: Connection) -> int:
-    also = [connection.open()] if connection.status_database not in (None, connection.database) else []
+    also = [connection.open()] if connection.separate_status() is not None else []
     docs = heartbeats(connection.open_status(), args.macid, *also)
     if args.json:
         print(json.dumps(docs, indent=1))

@@ -158,15 +158,17 @@ class Daemon:
             self._device_credentials = (device.user, device.password)
         return self._device_credentials
 
-    def _connect(self) -> Database:
-        return Database(self.server_url, self.config.database, credentials=self._credentials(),
+    def _database(self, name: str) -> Database:
+        return Database(self.server_url, name, credentials=self._credentials(),
                         ca_file=self.config.ca_file, timeout=self.config.request_timeout_seconds)
+
+    def _connect(self) -> Database:
+        return self._database(self.config.database)
 
     def _connect_status(self) -> Database:
         """The status document's database: a write there wakes no device's changes feed when it
         is not the code database (`status_database`)."""
-        return Database(self.server_url, self.config.status_db_name, credentials=self._credentials(),
-                        ca_file=self.config.ca_file, timeout=self.config.request_timeout_seconds)
+        return self._database(self.config.status_db_name)
 
     def _start_threads(self) -> None:
         # Events of threads replaced since (SIGHUP, provisioning) are dropped: they end only
