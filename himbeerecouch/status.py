@@ -5,24 +5,20 @@ newest one it has at once, and otherwise only every `interval` seconds as a keep
 (`status_interval_seconds`, 300 by default): on CouchDB every write to the code database is
 evaluated by every device's changes feed, so a fleet that rewrote its status every 30 s would
 cost the server O(devices^2). The document says its own interval (`status_interval`), from which
-readers judge it stale. A slow or absent server never holds up the programs. A conflict (someone else wrote the document) is resolved by taking the
-server's `_rev` and writing again: the device owns this document.
+readers judge it stale. The thread, its spacing and its handling of conflicts are docwriter.py's.
 """
 from __future__ import annotations
 
-import logging
 import socket
-import threading
 import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from . import __version__
-from .couch import CONNECTION_ERRORS, Conflict, Database, describe_error
+from .couch import Database
+from .docwriter import DocumentWriter
 from .processes import now_iso
 from .programs import Program, State
-
-log = logging.getLogger(__name__)
 
 
 def local_ip(server_url: str) -> str | None:
@@ -75,8 +71,7 @@ def summary(programs: dict[str, Program], server_url: str, feed_connected: bool,
     return f"{text}; {server}"
 
 
-class StatusWriter(threading.Thread):
-    COALESCE_SECONDS = 0.1      # a burst of changes becomes one write
+class StatusWriter(DocumentWriter):
     # Writes at most this often, whatever changes: a program that fails and restarts over and
     # over must not make its Pi write (and wake every feed of the database) at every turn. The
     # newest status is written once the spacing has passed; nothing published is lost.
@@ -84,89 +79,15 @@ class StatusWriter(threading.Thread):
 
     def __init__(self, *, connect: Callable[[], Database], doc_id: str, interval: float,
                  started: float | None = None) -> None:
-        super().__init__(name="status-writer", daemon=True)
-        self._connect = connect
-        self.doc_id = doc_id
+        super().__init__(name="status-writer", what="status document", connect=connect, doc_id=doc_id,
+                         spacing=self.MIN_SPACING_SECONDS, keep_alive=interval)
         self.interval = interval
         self.started = started               # time.time() of the daemon's start, for `uptime`
-        self._latest: dict[str, Any] | None = None
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self._stop_event = threading.Event()
-        self._hurry = threading.Event()      # ends the coalescing and spacing wait: stop, last word
-        self._rev: str | None = None
-        self._db: Database | None = None
-        self._failing = False
-        self._final: dict[str, Any] | None = None     # the last word, once finish() gave it
 
-    def publish(self, status: dict[str, Any]) -> None:
-        with self._lock:
-            if self._final is not None:
-                return                       # after the last word, nothing
-            self._latest = status
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self._hurry.set()
-        self._wake.set()
-
-    def finish(self, status: dict[str, Any], timeout: float) -> None:
-        """Write `status` as the last word, waiting at most `timeout` seconds for it."""
-        with self._lock:
-            self._latest = self._final = status
-        self._hurry.set()
-        self._wake.set()
-        self.join(timeout)
-
-    def run(self) -> None:
-        last_write = -float("inf")
-        while not self._stop_event.is_set():
-            self._wake.wait(self.interval)
-            if self._stop_event.is_set():
-                return
-            if self._final is None:
-                spacing = last_write + self.MIN_SPACING_SECONDS - time.monotonic()
-                self._hurry.wait(max(self.COALESCE_SECONDS, spacing))
-                if self._stop_event.is_set():
-                    return
-            self._wake.clear()
-            with self._lock:
-                status, final = self._latest, self._final
-            if status is not None:
-                last_write = time.monotonic()
-                self.write(status)
-            if final is not None and status is final:
-                return                       # else finish() came during the write: once more
-
-    def write(self, status: dict[str, Any]) -> bool:
-        try:
-            if self._db is None:
-                self._db = self._connect()
-            doc = {"_id": self.doc_id, **status, "type": "heartbeat",
-                   "ip": local_ip(self._db.server_url), "timestamp": now_iso(),
-                   "status_interval": self.interval}
-            if self.started is not None:
-                # Rewritten every interval even when nothing else changed: it must be current.
-                doc["uptime"] = round(time.time() - self.started)
-            for _ in range(3):
-                if self._rev:
-                    doc["_rev"] = self._rev
-                try:
-                    self._rev = self._db.put(doc)["_rev"]
-                    break
-                except Conflict:
-                    current = self._db.get(self.doc_id)
-                    self._rev = current["_rev"] if current else None
-            else:
-                raise Conflict("status document keeps changing under us")
-        except (*CONNECTION_ERRORS, OSError) as error:
-            if not self._failing:
-                log.warning("cannot write the status document: %s", describe_error(error))
-            self._failing = True
-            self._db = None
-            return False
-        if self._failing:
-            log.info("status document written again")
-        self._failing = False
-        return True
+    def document(self, status: dict[str, Any]) -> dict[str, Any]:
+        doc = {**status, "type": "heartbeat", "ip": local_ip(self._db.server_url), "timestamp": now_iso(),
+               "status_interval": self.interval}
+        if self.started is not None:
+            # Rewritten every interval even when nothing else changed: it must be current.
+            doc["uptime"] = round(time.time() - self.started)
+        return doc
