@@ -9,8 +9,10 @@ file means the daemon is gone, and the program is asked to quit, as with SIGTERM
 period its process group is killed.
 Structured messages go to the daemon on the file descriptor named by HIMBEERECOUCH_REPORT_FD,
 one JSON object per line: {"log": text}, {"error": text} (a failure that a retry may cure) and
-{"fatal": text} (one that no retry can cure: a syntax error, no main()). stdout and stderr stay
-the program's own, and so does the exit code: the daemon never reads meaning into it.
+{"fatal": text} (one that no retry can cure: a syntax error, no main()); an error that comes from
+an exception carries its traceback too, {"error": text, "traceback": text} (older daemons ignore
+the key). stdout and stderr stay the program's own (the traceback is printed on stderr as
+always), and so does the exit code: the daemon never reads meaning into it.
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ import traceback
 from typing import Any, Callable
 
 EXIT_FAILED = 1
+TRACEBACK_CHARS = 8000          # of a longer traceback, its end is sent (where the exception is)
+# A report line longer than the daemon's longest line (output.MAX_LINE, 64 KiB) would be cut and
+# so lost: the traceback is cut further when JSON's escapes make it that long.
+REPORT_LINE_LIMIT = 60_000
 REPORT_FD_ENV = "HIMBEERECOUCH_REPORT_FD"
 PROGRAM_FD_ENV = "HIMBEERECOUCH_PROGRAM_FD"
 
@@ -199,7 +205,7 @@ def run(spec: dict, reporter: Reporter) -> int:
     except BaseException as error:
         # A sensor that is not ready, a module not installed yet: the daemon retries later.
         traceback.print_exc()
-        reporter.send(error=f"cannot load the program: {_describe(error)}")
+        _send_error(reporter, f"cannot load the program: {_describe(error)}")
         return EXIT_FAILED
     entry = getattr(module, "main", None)
     if not callable(entry):
@@ -216,9 +222,26 @@ def run(spec: dict, reporter: Reporter) -> int:
         return EXIT_FAILED
     except BaseException as error:
         traceback.print_exc()
-        reporter.send(error=f"main() raised {_describe(error)}")
+        _send_error(reporter, f"main() raised {_describe(error)}")
         return EXIT_FAILED
     return 0
+
+
+def cut_traceback(text: str, limit: int = TRACEBACK_CHARS) -> str:
+    """`text`, or its last `limit` characters (where the exception is) when it is longer."""
+    if len(text) <= limit:
+        return text
+    mark = "[...]\n"
+    return mark + text[len(text) - limit + len(mark):]
+
+
+def _send_error(reporter: Reporter, text: str) -> None:
+    """{"error": text, "traceback": the exception being handled}, in one line the daemon reads whole."""
+    trace: str | None = cut_traceback(traceback.format_exc())
+    room = REPORT_LINE_LIMIT - len(json.dumps({"error": text, "traceback": ""}))
+    while trace is not None and len(json.dumps(trace)) > room:
+        trace = cut_traceback(trace, len(trace) // 2) if len(trace) > 100 else None
+    reporter.send(error=text, traceback=trace)
 
 
 def _poke(fd: int) -> None:

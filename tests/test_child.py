@@ -77,7 +77,9 @@ def test_what_no_retry_can_fix_is_reported_fatal_the_rest_as_errors():
     for code, kind, expected in cases:
         returncode, _, _, messages = run_child({"code": code, "modules": {"helper": "x = (\n"}})
         assert returncode == child.EXIT_FAILED, code
-        assert list(messages[-1]) == [kind] and expected in messages[-1][kind], (code, messages)
+        assert list(messages[-1])[0] == kind and expected in messages[-1][kind], (code, messages)
+        # An exception's report carries its traceback; a fatal report has none to give.
+        assert ("traceback" in messages[-1]) == (kind == "error"), (code, messages)
 
 
 def test_the_exit_code_is_the_programs_own():
@@ -140,3 +142,27 @@ def test_get_acct_gives_the_credentials_of_the_pi():
     spec = {"code": "def main():\n    log(get_acct())\n",
             "database": {"url": "http://127.0.0.1:1", "name": "db", "credentials": ["123", "pw"]}}
     assert run_child(spec)[3] == [{"log": "('123', 'pw')"}]
+
+
+def test_an_error_report_carries_the_traceback_and_stderr_still_shows_it():
+    code = "def check():\n    raise KeyError('probe')\ndef main():\n    check()\n"
+    returncode, _, err, messages = run_child({"code": code})
+    assert returncode == child.EXIT_FAILED
+    report = messages[-1]
+    assert report["error"] == "main() raised KeyError: 'probe'"
+    trace = report["traceback"]
+    assert trace.startswith("Traceback (most recent call last):") and ", in check" in trace
+    assert trace.rstrip().endswith("KeyError: 'probe'")
+    assert "Traceback (most recent call last):" in err and "KeyError: 'probe'" in err
+
+
+def test_a_long_traceback_is_cut_so_that_the_report_stays_one_readable_line():
+    # 3000 characters that JSON escapes to 12 bytes each: whole, the line would pass the
+    # daemon's longest line and be lost.
+    code = "def main():\n    raise ValueError('\\U0001F600' * 3000 + ' the end')\n"
+    returncode, _, _, messages = run_child({"code": code})
+    assert returncode == child.EXIT_FAILED
+    report = messages[-1]
+    assert report["error"].startswith("main() raised ValueError: ") and report["error"].endswith(" the end")
+    assert report["traceback"].startswith("[...]\n") and report["traceback"].rstrip().endswith(" the end")
+    assert len(json.dumps(report)) <= child.REPORT_LINE_LIMIT
