@@ -36,6 +36,8 @@ class Config:
     password_scheme: str = "random"
     feed_heartbeat_seconds: float = 10.0  # the feed is dead after 3 heartbeats of silence
     status_interval_seconds: float = 300.0   # keep-alive: rewrite when nothing changed
+    output_tail_lines: int = 20           # last lines of each program in <MacID>_output; 0: none
+    output_interval_seconds: float = 10.0   # <MacID>_output is written at most this often
     restart_backoff_max_seconds: float = 60.0
     offline_start_seconds: float = 10.0   # at start, wait this long for the server before the cache
     start_seconds: float = 5.0            # a run this long counts as a good start (resets back-off)
@@ -83,6 +85,7 @@ MIN_SECONDS = 0.01                  # shorter would spin: a loop turn, a request
 MAX_SECONDS = 365 * 24 * 3600.0     # beyond this, timers and waits overflow (threading.TIMEOUT_MAX)
 MAX_URL_LENGTH = 2048
 MAX_PARALLEL_COMMANDS = 64          # one thread each
+MAX_OUTPUT_TAIL_LINES = 1000        # x 500 characters x programs: in memory and in one document
 MAX_BOOT_FILE_BYTES = 64 * 1024
 _DATABASE_NAME = re.compile(r"[a-z][a-z0-9_$()+/-]{0,237}")   # CouchDB's rule for database names
 
@@ -212,6 +215,8 @@ VALIDATORS: dict[str, Callable[[str], object]] = {
     "password_scheme": _choice("random", "legacy"),
     "feed_heartbeat_seconds": _seconds,
     "status_interval_seconds": _seconds,
+    "output_tail_lines": _whole(0, MAX_OUTPUT_TAIL_LINES),
+    "output_interval_seconds": _seconds,
     "restart_backoff_max_seconds": _seconds,
     "offline_start_seconds": _seconds,
     "start_seconds": _seconds,

@@ -30,6 +30,7 @@ from .feed import Changed, FeedState, Follower, Snapshot
 from .forkserver import ForkServer
 from .identity import IdentityError, device_macid
 from .notify import Notifier
+from .outputtail import OutputTails, OutputWriter
 from .processes import child_environment, kill_group, now_iso
 from .programs import Supervisor
 from .state import StateDir, write_atomic
@@ -75,6 +76,9 @@ class Daemon:
         self._generation = 0
         self.follower: Follower | None = None
         self.writer: StatusWriter | None = None
+        self.output: OutputTails | None = None        # the programs' output; None: output_tail_lines = 0
+        self.output_writer: OutputWriter | None = None
+        self._output_published: int | None = None     # the tails' version last handed to the writer
         self.commands: CommandRunner | None = None
         self.discovery: ProvisioningListener | None = None
         self._commands_key: tuple = ()
@@ -114,9 +118,22 @@ class Daemon:
             supervisor.backoff_cap = config.restart_backoff_max_seconds
             supervisor.workdir = workdir
             supervisor.database_settings = database_settings
+        self._setup_output(config)
         self.docs = self.state.load_code()
         if self.docs:
             log.info("last-known code: %d document(s) from %s", len(self.docs), self.state.path)
+
+    def _setup_output(self, config: Config) -> None:
+        """output_tail_lines = 0: no tails in memory and no output document; else tails of that
+        size, kept across SIGHUP."""
+        size = config.output_tail_lines
+        if not size:
+            self.output = None
+        elif self.output is None:
+            self.output = OutputTails(size)
+        else:
+            self.output.resize(size)
+        self.supervisor.set_output(self.output)
 
     def _setup_spawn(self, config: Config) -> None:
         """spawn = fork-server: a fork server for the next program starts, a new one on SIGHUP,
@@ -200,6 +217,12 @@ class Daemon:
         self.follower.start()
         self.writer.start()
         self._mark_status()            # a new writer (SIGHUP, provisioning) has nothing to write yet
+        if self.output is not None:
+            # Beside the status document: in a status database of its own, it wakes no device's feed.
+            self.output_writer = OutputWriter(connect=self._connect_status, macid=self.macid,
+                                              interval=self.config.output_interval_seconds)
+            self.output_writer.start()
+            self._output_published = None
 
     def _start_discovery(self) -> None:
         """Listen for LAN provisioning while no server is known (or when told to stay open)."""
@@ -248,7 +271,9 @@ class Daemon:
             self.follower.stop()
         if self.writer:
             self.writer.stop()
-        self.follower = self.writer = self.discovery = None
+        if self.output_writer:
+            self.output_writer.stop()
+        self.follower = self.writer = self.output_writer = self.discovery = None
 
     def _restart_threads(self, config: Config) -> None:
         """New configuration or server: follow it afresh. Running commands go on unless the
@@ -339,6 +364,7 @@ class Daemon:
             if self.stopping and not self.supervisor.alive():
                 break
             run(self._publish_status, "publishing the status")
+            run(self._publish_output, "publishing the programs' output")
             run(self._check_threads, "checking the threads")
             self.notifier.ping_watchdog()
         self._finish()
@@ -488,7 +514,7 @@ class Daemon:
         self._threads_checked = time.monotonic()
         if self.stopping:
             return                                   # they were told to end
-        for thread in (self.follower, self.writer):
+        for thread in (self.follower, self.writer, self.output_writer):
             if thread is not None and not thread.is_alive():
                 log.error("%s thread ended unexpectedly; restarting the connection", thread.name)
                 self._restart_threads(self.config)
@@ -513,10 +539,27 @@ class Daemon:
         if self.writer:
             self.writer.publish(self.status())
 
+    def _publish_output(self) -> None:
+        """Hand the writer the tails when they changed; it writes them when its interval allows."""
+        if self.output_writer is None or self.output is None:
+            return
+        version = self.output.version
+        if version != self._output_published:
+            self._output_published = version
+            self.output_writer.publish(self.output)
+
     def _finish(self) -> None:
         if self.follower:
             self.follower.stop()
+        # The last words: the status says "stopped", the output has what the programs printed
+        # while they stopped. Both at once, 3 s at most in all.
+        deadline = time.monotonic() + 3.0
         if self.writer:
             final = self.status()
             final["daemon"] = "stopped"
-            self.writer.finish(final, timeout=3.0)
+            self.writer.last_word(final)
+        if self.output_writer and self.output is not None:
+            self.output_writer.last_word(self.output)
+        for writer in (self.writer, self.output_writer):
+            if writer:
+                writer.join(max(0.0, deadline - time.monotonic()))

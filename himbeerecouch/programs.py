@@ -35,6 +35,7 @@ from .processes import child_environment, kill_group, make_workdir, now_iso
 
 if TYPE_CHECKING:
     from .forkserver import ForkServer
+    from .outputtail import OutputTails
 
 log = logging.getLogger(__name__)
 program_log = logging.getLogger("himbeerecouch.program")
@@ -203,12 +204,20 @@ class Supervisor:
         self.database_settings = database_settings
         self.python = python
         self.fork_server: ForkServer | None = None   # None: every program is a fresh interpreter
+        self.output: OutputTails | None = None       # the programs' output tails; None: none kept
         self._watch_fd = watch_fd
         self._unwatch_fd = unwatch_fd
         self._on_change = on_change          # called when anything the status shows changed
         self.programs: dict[str, Program] = {}
         self._pipes: dict[int, _Pipe] = {}
         self._exit_fds: dict[int, Program] = {}     # pidfds: readable when the program has ended
+
+    def set_output(self, output: OutputTails | None) -> None:
+        """Keep the programs' output tails there from now on (None: keep none)."""
+        self.output = output
+        if output is not None:
+            for doc_id, program in self.programs.items():
+                output.track(doc_id, program.name)
 
     # ---- the wanted set -------------------------------------------------------------------
 
@@ -225,6 +234,8 @@ class Supervisor:
                 program = Program(spec=spec, fingerprint=fingerprint,
                                   backoff=Backoff(first=1.0, cap=self.backoff_cap))
                 self.programs[doc_id] = program
+                if self.output is not None:
+                    self.output.track(doc_id, spec.name)
                 self._begin(program)
             elif program.fingerprint != fingerprint or program.remove_when_stopped:
                 program.remove_when_stopped = False
@@ -244,6 +255,9 @@ class Supervisor:
         program.backoff.reset()
         program.last_error = None
         program.deadline = None
+        if self.output is not None:
+            self.output.track(spec.doc_id, spec.name)
+            self.output.clear_error(spec.doc_id)
 
     def _begin(self, program: Program) -> None:
         """First step for a (new or changed) spec: run it, or show why not."""
@@ -354,6 +368,8 @@ class Supervisor:
             self._begin(program)
         elif program.remove_when_stopped:
             del self.programs[program.spec.doc_id]
+            if self.output is not None:
+                self.output.forget(program.spec.doc_id)
             self._on_change()
         else:
             program.set_state(State.STOPPED)
@@ -491,9 +507,14 @@ class Supervisor:
             text = raw[:MAX_LINE].decode("utf-8", errors="replace").rstrip("\r")
             if kind == "report":
                 self._message(program, text)
-            elif program.lines.allow():
+                return
+            kept = program.lines.allow()
+            if kept:
                 program_log.log(logging.WARNING if kind == "stderr" else logging.INFO,
                                 "%s: %s", program.name, text)
+            if self.output is not None:
+                # The same lines as the log; a dropped one is only counted.
+                self.output.line(program.spec.doc_id, program.name, kind, text, kept)
         except Exception:
             if program.lines.allow():
                 log.exception("%s: cannot handle a line of its %s; dropped", program.name, kind)
@@ -516,6 +537,10 @@ class Supervisor:
             value = str(message[key])
             if key != "log":
                 program.last_error = value
+                if self.output is not None:
+                    trace = message.get("traceback")
+                    self.output.error(program.spec.doc_id, program.name, value,
+                                      trace if isinstance(trace, str) else None)
             if program.lines.allow():
                 program_log.log(logging.INFO if key == "log" else logging.ERROR, "%s: %s", program.name, value)
                 if key != "log":

@@ -1,7 +1,7 @@
 """Who may do what in the database: the `_security` object and the validation function.
 
 - Devices log in as CouchDB users named after their MacID, with the role `raspberry`.
-  They may write their own heartbeat and data documents (ids starting with `<MacID>_`, never
+  They may write their own heartbeat, output and data documents (ids starting with `<MacID>_`, never
   of a code or command type) and add results to their own command documents; nothing else:
   no code documents, no new commands, nothing of another device.
 - Users with the role `deployer` (and server admins) may write anything but design documents,

@@ -24,6 +24,8 @@ GOOD = {
     "password_scheme": ("legacy", "legacy"),
     "feed_heartbeat_seconds": ("5", 5.0),
     "status_interval_seconds": ("60", 60.0),
+    "output_tail_lines": ("0", 0),
+    "output_interval_seconds": ("2.5", 2.5),
     "restart_backoff_max_seconds": ("120", 120.0),
     "offline_start_seconds": ("1", 1.0),
     "start_seconds": ("2", 2.0),
@@ -54,6 +56,7 @@ BAD = {
     "max_program_bytes": ["0", "-5", "1.5", "lots", ""],
     "command_output_cap_bytes": ["0", "-5", "1.5", "lots", ""],
     "max_parallel_commands": ["0", "-1", "two", "", "100000"],
+    "output_tail_lines": ["-1", "1001", "1.5", "many", ""],
     "provisioning": ["yes", "", "on"],
     "discovery_address": ["not an address", "300.1.1.1", "::1"],
     "discovery_port": ["0", "65536", "-1", "port", ""],
@@ -63,6 +66,7 @@ BAD = {
     "boot_config": ["himbeerecouch.txt"],
     **{key: DURATION_BAD for key in (
         "interface_wait_seconds", "grace_seconds", "feed_heartbeat_seconds", "status_interval_seconds",
+        "output_interval_seconds",
         "restart_backoff_max_seconds", "offline_start_seconds", "start_seconds", "request_timeout_seconds",
         "command_timeout_seconds")},
 }
