@@ -80,19 +80,23 @@ class OutputTails:
             self._tail(doc_id, name).name = name
             self.version += 1
 
-    def line(self, doc_id: str, name: str, stream: str, text: str, kept: bool) -> None:
-        """One line of the program's stdout or stderr; `kept`: the log got it too."""
-        if kept:
-            text, was_cut = cut(text, LINE_CHARS)
-            when = now_iso("milliseconds")
+    def line(self, doc_id: str, name: str, stream: str, text: str) -> None:
+        """One line of the program's stdout or stderr that the log got."""
+        text, was_cut = cut(text, LINE_CHARS)
+        when = now_iso("milliseconds")
         with self._lock:
             tail = self._tail(doc_id, name)
             tail.lines_seen += 1
-            if kept:
-                tail.cut_lines += was_cut
-                tail.lines.append((when, stream, text))
-            else:
-                tail.dropped_lines += 1
+            tail.cut_lines += was_cut
+            tail.lines.append((when, stream, text))
+            self.version += 1
+
+    def dropped(self, doc_id: str, name: str, count: int) -> None:
+        """`count` lines that the log's rate limit dropped: counted, not kept."""
+        with self._lock:
+            tail = self._tail(doc_id, name)
+            tail.lines_seen += count
+            tail.dropped_lines += count
             self.version += 1
 
     def error(self, doc_id: str, name: str, text: str, traceback: str | None) -> None:

@@ -115,6 +115,7 @@ class Program:
     remove_when_stopped: bool = False
     killed: bool = False
     lines: LineBudget = field(default_factory=LineBudget)
+    output_drops: int = 0                # dropped lines of this read, not yet counted in the output tail
 
     @property
     def name(self) -> str:
@@ -478,6 +479,7 @@ class Supervisor:
         if pipe is not None:
             if pipe.reader.read() is None:
                 self._close(fd)
+            self._count_drops(pipe.program)
             self._report_dropped(pipe.program)
 
     def _drain(self, fd: int) -> None:
@@ -496,6 +498,7 @@ class Supervisor:
         if pipe is None:
             return
         pipe.reader.flush()
+        self._count_drops(pipe.program)
         self._unwatch_fd(fd)
         pipe.close()
 
@@ -513,11 +516,22 @@ class Supervisor:
                 program_log.log(logging.WARNING if kind == "stderr" else logging.INFO,
                                 "%s: %s", program.name, text)
             if self.output is not None:
-                # The same lines as the log; a dropped one is only counted.
-                self.output.line(program.spec.doc_id, program.name, kind, text, kept)
+                # The same lines as the log; a dropped one is only counted (see _count_drops).
+                if kept:
+                    self.output.line(program.spec.doc_id, program.name, kind, text)
+                else:
+                    program.output_drops += 1
         except Exception:
             if program.lines.allow():
                 log.exception("%s: cannot handle a line of its %s; dropped", program.name, kind)
+
+    def _count_drops(self, program: Program) -> None:
+        """Dropped lines go to the output tail once per read, not one by one: a flooding program's
+        lines are nearly all dropped, and each costs the loop as little as it can."""
+        if program.output_drops:
+            if self.output is not None:
+                self.output.dropped(program.spec.doc_id, program.name, program.output_drops)
+            program.output_drops = 0
 
     def _message(self, program: Program, text: str) -> None:
         """One line of the child's report pipe: a JSON object, or (from a confused program) text."""

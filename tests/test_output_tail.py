@@ -125,6 +125,22 @@ def test_a_chatty_program_costs_one_write_per_interval_and_its_counts_add_up(adm
     assert texts(shown) == logged[-20:]
 
 
+def test_the_lines_a_program_left_in_its_pipe_when_it_ended_are_counted_too(admin, make_daemon):
+    # A pipe of 1 MiB holds nearly all the program's output when it ends: the daemon takes it
+    # after the end (programs.py, _drain), not as it comes.
+    admin.put({"_id": "burst", "type": MACID, "name": "burst", "restart": "no", "code": (
+        "import fcntl, sys\ndef main():\n    fcntl.fcntl(1, fcntl.F_SETPIPE_SZ, 1 << 20)\n"
+        "    sys.stdout.write(''.join('n=%d\\n' % n for n in range(100_000)))\n")})
+    daemon = make_daemon(output_interval_seconds=1)
+    daemon.start()
+    doc = wait_for(shown_when(admin, "burst", lambda shown: shown["lines_seen"] >= 100_000),
+                   message="every line counted")
+    logged = re.findall(r"himbeerecouch\.program: burst: (n=\d+)$", daemon.log(), re.MULTILINE)
+    shown = doc["programs"]["burst"]
+    assert (shown["lines_seen"], shown["dropped_lines"]) == (100_000, 100_000 - len(logged))
+    assert texts(shown) == logged[-20:]
+
+
 def test_a_program_that_raises_shows_its_last_error_with_the_traceback(admin, make_daemon):
     admin.put({"_id": "p", "type": MACID, "code": (
         "def check(sensor):\n    raise ValueError('sensor %d unplugged' % sensor)\n"
@@ -222,7 +238,7 @@ def test_the_writer_writes_only_changes_and_the_newest_last(admin, couch):
     try:
         start = time.monotonic()
         for n in range(30):
-            tails.line("p", "p", "stdout", f"line {n}", kept=True)
+            tails.line("p", "p", "stdout", f"line {n}")
             writer.publish(tails)
             time.sleep(0.1)
         newest = wait_for(shown_when(admin, "p", lambda shown: texts(shown)[-1] == "line 29", "9_output"),
@@ -247,7 +263,7 @@ def test_a_failed_write_is_tried_again_without_a_new_publish(admin, couch):
         attempts.append(1)
         return Database(dead if len(attempts) == 1 else couch.admin_url, admin.db)
     tails = OutputTails(5)
-    tails.line("p", "p", "stderr", "written in the end", kept=True)
+    tails.line("p", "p", "stderr", "written in the end")
     writer = OutputWriter(connect=connect, macid=9, interval=0.5)
     writer.start()
     try:
@@ -265,7 +281,10 @@ def test_the_memory_of_a_tail_is_bounded_whatever_is_printed():
     tails = OutputTails(20)
     huge = "y" * output.MAX_LINE
     for n in range(5000):
-        tails.line("p", "p", "stdout", huge, kept=n % 3 != 0)
+        if n % 3:
+            tails.line("p", "p", "stdout", huge)
+        else:
+            tails.dropped("p", "p", 1)
     tails.error("p", "p", "e" * 100_000, "t" * 100_000)
     shown = tails.snapshot()[1]["programs"]["p"]
     assert len(shown["lines"]) == 20 and sum(len(text) for text in texts(shown)) == 20 * LINE_CHARS
@@ -279,12 +298,12 @@ def test_resizing_keeps_the_newest_lines_and_forget_removes_a_program():
     tails = OutputTails(5)
     tails.track("quiet", "quiet one")
     for n in range(5):
-        tails.line("p", "p", "stdout", str(n), kept=True)
+        tails.line("p", "p", "stdout", str(n))
     tails.resize(2)
     version, fields = tails.snapshot()
     assert fields["output_tail_lines"] == 2
     assert texts(fields["programs"]["p"]) == ["3", "4"] and fields["programs"]["quiet"]["lines"] == []
-    tails.line("p", "p", "stdout", "5", kept=True)
+    tails.line("p", "p", "stdout", "5")
     assert texts(tails.snapshot()[1]["programs"]["p"]) == ["4", "5"]
     tails.forget("quiet")
     assert set(tails.snapshot()[1]["programs"]) == {"p"} and tails.version > version
@@ -295,7 +314,7 @@ def test_a_tail_holds_n_lines(lines):
     tails = OutputTails(lines)
     expected: deque = deque(maxlen=lines)
     for n in range(2 * lines + 3):
-        tails.line("p", "p", "stdout", str(n), kept=True)
+        tails.line("p", "p", "stdout", str(n))
         expected.append(str(n))
     assert texts(tails.snapshot()[1]["programs"]["p"]) == list(expected)
 
