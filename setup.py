@@ -16,6 +16,8 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["himbeerecouch", "himbeerecouch.*"]),
+    # The fleet page's files (page.py stores them in the database); not Python, so named here.
+    package_data={"himbeerecouch": ["fleetpage/*.html", "fleetpage/*.css", "fleetpage/*.js"]},
     install_requires=[
         "pycouchdb>=1.17,<1.18",
         # pycouchdb imports it without declaring it.
