@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from . import security
+from . import page, pagecsp, security
 from .command_client import EXIT_NOT_RUN, EXIT_STATUS_HELP, EXIT_WITHDRAWN, run_remote
 
 if TYPE_CHECKING:
@@ -495,12 +495,24 @@ def heartbeats(db: Database, macid: int | None, *also: Database) -> list[dict]:
 # ---- the subcommands ------------------------------------------------------------------------
 
 def cmd_setup_db(args: argparse.Namespace, connection: Connection) -> int:
-    changes = setup_db(connection.open(), connection.separate_status())
+    db = connection.open()
+    changes = setup_db(db, connection.separate_status())
+    warnings: list[str] = []
+    if not args.no_page:
+        page_changes = page.install_fleet_page(db, connection.status_database) + page.install_login_page(db)
+        csp_changes, warnings = pagecsp.ensure_csp(db, allow=args.page_csp)
+        changes += page_changes + csp_changes
+        if page_changes:
+            changes.append(f"the fleet page: {page.page_url(connection.server, page.login_database(db.name))}")
+    elif args.page_csp:
+        raise OperatorError("--page-csp is for the page, which --no-page leaves out")
     if changes:
         for change in changes:
             print(change)
     else:
         print(f"database {connection.database} is set up already: nothing changed")
+    for warning in warnings:
+        print(f"himbeerecouch setup-db: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -573,11 +585,20 @@ def add_subcommands(commands) -> None:
         parser.set_defaults(func=func, operator=True)
         return parser
 
-    command("setup-db", cmd_setup_db, "create and secure the database (idempotent)",
-            "Create the database if missing, the index the daemon's first read uses, the security "
-            "object (devices are members through the role raspberry, deployers through deployer) "
-            "and the validation function that limits what a device may write. Needs a server "
-            "admin. Running it again changes nothing and says so.")
+    setup = command("setup-db", cmd_setup_db, "create and secure the database, install the fleet page (idempotent)",
+                    "Create the database if missing, the index the daemon's first read uses, the security "
+                    "object (devices are members through the role raspberry, deployers through deployer), "
+                    "the validation function that limits what a device may write, and the fleet page "
+                    "(<server>/<database>/_design/himbeerecouch/index.html, and a copy in the database "
+                    "<database>_login that anyone may read, where a browser can log in). Needs a server "
+                    "admin. Running it again changes nothing and says so.")
+    setup.add_argument("--no-page", action="store_true",
+                       help="leave the fleet page and its login database out (neither install nor update them)")
+    setup.add_argument("--page-csp", action="store_true",
+                       help="when the server's Content-Security-Policy for attachments keeps the page "
+                            "from running (CouchDB 3's default: sandbox), set [csp] "
+                            "attachments_header_value to a policy that allows same-server scripts, "
+                            "styles and requests; it applies to every attachment of the server")
     device = command("add-device", cmd_add_device, "create or update a device's CouchDB user",
                      "Create or update the CouchDB user of a device (user name: its MacID) with the "
                      "role raspberry. Give MACID PASSWORD, or pipe the output of "

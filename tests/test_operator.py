@@ -63,6 +63,7 @@ def fleet_db(couch):
     yield admin, deployer
     forget_users(couch, deployer[0])
     admin.http.delete(admin.url(), timeout=30)
+    AdminClient(couch.url, name + "_login").drop_db()      # setup-db's public copy of the fleet page
 
 
 def forget_users(couch, *names) -> None:
@@ -97,6 +98,7 @@ def test_setup_db_is_idempotent(couch):
     second = hc("setup-db", "--database", name, couch=couch)
     assert second.returncode == 0 and "nothing changed" in second.stdout
     AdminClient(couch.url, name).drop_db()
+    AdminClient(couch.url, name + "_login").drop_db()
 
 
 def test_setup_db_needs_credentials_and_says_so(couch):
