@@ -4,7 +4,6 @@ what a viewer may not do, log out."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import datetime, timedelta, timezone
 from urllib.parse import quote
@@ -223,8 +222,6 @@ def test_the_status_database_named_by_setup_db(status_fleet, browser, couch, mak
     page.wait_text("pi-facts", fleet.status_db)
 
 
-@pytest.mark.skipif(os.environ.get("HIMBEERECOUCH_TEST_OUTPUT_TAIL") != "1",
-                    reason="the device side of <MacID>_output: set HIMBEERECOUCH_TEST_OUTPUT_TAIL=1 once it is there")
 def test_the_output_tail_the_daemon_writes(fleet, browser, couch, make_daemon, tmp_path):
     fleet.admin.put({"_id": "talker-doc", "type": PI, "name": "talker", "code": (
         "import sys, time\n"
