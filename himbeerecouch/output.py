@@ -42,11 +42,14 @@ class LineBudget:
 
     def take_report(self, final: bool = False) -> int:
         """Lines dropped since the last report, when it is time to say so (else 0): once the
-        flood is over, every DROP_REPORT_SECONDS while it lasts, and at the end (`final`)."""
+        flood is over (a second's worth of lines allowed again: one spare token only means the
+        next line came a little late), every DROP_REPORT_SECONDS while it lasts, and at the end
+        (`final`)."""
         if not self._unreported:
             return 0
         now = self._clock()
-        if not (final or self._bucket.ready() or now - self._reported_at >= DROP_REPORT_SECONDS):
+        over = self._bucket.ready(min(self.rate, self._bucket.burst))
+        if not (final or over or now - self._reported_at >= DROP_REPORT_SECONDS):
             return 0
         count, self._unreported, self._reported_at = self._unreported, 0, now
         return count

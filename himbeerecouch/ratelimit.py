@@ -27,7 +27,7 @@ class TokenBucket:
             return True
         return False
 
-    def ready(self) -> bool:
-        """Whether the next event would be allowed (without counting one)."""
+    def ready(self, events: float = 1.0) -> bool:
+        """Whether the next `events` would be allowed (without counting them)."""
         self._refill()
-        return self._tokens >= 1.0
+        return self._tokens >= events

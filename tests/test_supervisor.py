@@ -115,6 +115,24 @@ def test_the_line_budget_allows_bursts_then_a_rate_and_counts_the_rest():
     assert budget.take_report() == 0 and budget.dropped == 70
 
 
+def test_a_flood_that_goes_on_is_reported_every_10_s_not_at_each_spare_token():
+    """Each report marks the status changed (a write that wakes every feed): a flood must not
+    look over because one token came back between two reads."""
+    clock = FakeClock()
+    budget = LineBudget(rate=10, burst=20, clock=clock)
+    for _ in range(50):
+        budget.allow()
+    reports = []
+    for _ in range(30):                          # 3 s of 100 lines/s against 10/s
+        clock.now += 0.1
+        reports.append(budget.take_report())     # a read that brought no whole line
+        for _ in range(10):
+            budget.allow()
+    assert reports == [0] * 30
+    clock.now += 1.0                             # a second of quiet: the flood is over
+    assert budget.take_report() == budget.dropped > 0
+
+
 def _fails(error=ValueError):
     raise error("boom")
 
