@@ -156,7 +156,10 @@ def test_package_layout(unpacked):
                  "usr/lib/systemd/system/himbeerecouch-firstboot.service", "usr/lib/tmpfiles.d/himbeerecouch.conf",
                  "usr/bin/himbeerecouch", "usr/bin/himbeerecouch-creds",
                  "usr/share/man/man8/himbeerecouch.8.gz", "usr/share/man/man8/himbeerecouch-creds.8.gz",
-                 "usr/lib/python3/dist-packages/himbeerecouch/__init__.py"]:
+                 "usr/lib/python3/dist-packages/himbeerecouch/__init__.py",
+                 # the fleet page that `himbeerecouch setup-db` installs from the package
+                 *(f"usr/lib/python3/dist-packages/himbeerecouch/fleetpage/{name}"
+                   for name in ("index.html", "fleet.css", "fleet.js"))]:
         assert (unpacked / path).exists(), path
     # /var/rspby comes from tmpfiles.d at installation and boot, not from the package.
     assert not (unpacked / "var").exists()
