@@ -31,7 +31,7 @@ from .forkserver import ForkServer
 from .identity import IdentityError, device_macid
 from .notify import Notifier
 from .outputtail import OutputTails, OutputWriter
-from .processes import child_environment, kill_group, now_iso
+from .processes import DAEMON_SIGNALS, child_environment, kill_group, now_iso
 from .programs import Supervisor
 from .state import StateDir, write_atomic
 from .status import StatusWriter, heartbeat, summary
@@ -43,7 +43,7 @@ class Provisioned:
     url: str
 
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+HANDLED_SIGNALS = DAEMON_SIGNALS
 # Programs' exits, output, feed events and signals wake the loop; besides them it wakes only for
 # its timers (watchdog, program deadlines) and to check that its threads live, this often:
 THREAD_CHECK_SECONDS = 30.0

@@ -126,10 +126,12 @@ class _ProgramStart:
 
 
 def starting_signals() -> dict[int, Any]:
-    """This process's signal dispositions as it started: those of a fresh `python3` exec'd by
-    the daemon (default, SIGPIPE and SIGXFSZ ignored, SIGINT raising KeyboardInterrupt), and any
-    signal the daemon itself found ignored (a shell's `&` ignores SIGINT and SIGQUIT), which an
-    exec'd program keeps too."""
+    """What a program exec'd by the daemon starts with: the dispositions of a fresh `python3`
+    (default, SIGPIPE and SIGXFSZ ignored, SIGINT raising KeyboardInterrupt), and any signal the
+    daemon itself found ignored (a shell's `&` ignores SIGINT and SIGQUIT, `nohup` SIGHUP) and
+    does not catch: the daemon may start this server before it sets its handlers, and exec
+    resets a caught signal to its default."""
+    from .processes import DAEMON_SIGNALS
     found = {}
     for signum in signal.valid_signals():
         if signum in (signal.SIGKILL, signal.SIGSTOP):
@@ -140,6 +142,8 @@ def starting_signals() -> dict[int, Any]:
             continue
         if handler is not None:          # None: set outside Python; left alone
             found[signum] = handler
+    for signum in DAEMON_SIGNALS:
+        found[signum] = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
     return found
 
 

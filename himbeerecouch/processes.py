@@ -9,6 +9,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# The signals the daemon catches: a program it starts has them at their default, even where the
+# daemon itself found them ignored (`nohup`, a shell's `&`), as exec resets a caught signal.
+DAEMON_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+
 # What belongs to systemd's dealings with the daemon, never to the processes it starts.
 CHILD_ENV_DROP = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                   "LISTEN_FDNAMES")

@@ -97,9 +97,10 @@ def test_a_program_from_the_fork_server_looks_like_a_fresh_interpreter(admin, ma
             admin.put({"_id": f"{mode}-{label}", "type": MACID,
                        "code": PORTRAIT.replace("FOLDER", repr(str(folder))).replace("LABEL", label)})
         daemon = make_daemon(spawn=mode, subdir=mode)
-        # Started as from a shell's `&`: a fresh interpreter keeps SIGQUIT ignored, and so must
-        # a forked program.
-        daemon.start(ignored_signals=(signal.SIGQUIT,))
+        # Started as `nohup ... &` starts it: an exec'd program keeps SIGQUIT ignored, and so
+        # must a forked one; SIGINT and SIGHUP, which the daemon catches, an exec'd program
+        # has at their default (Python's for SIGINT), and so must a forked one.
+        daemon.start(ignored_signals=(signal.SIGQUIT, signal.SIGINT, signal.SIGHUP))
         seen[mode] = [portrait(folder, "a"), portrait(folder, "b")]
         spawn = spawn_status(admin, mode)
         parents = {parent_of(int(p.name.split("-")[-1])) for p in folder.glob("*-*")}
