@@ -43,7 +43,6 @@ class Provisioned:
     url: str
 
 
-HANDLED_SIGNALS = DAEMON_SIGNALS
 # Programs' exits, output, feed events and signals wake the loop; besides them it wakes only for
 # its timers (watchdog, program deadlines) and to check that its threads live, this often:
 THREAD_CHECK_SECONDS = 30.0
@@ -312,7 +311,7 @@ class Daemon:
     # ---- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in HANDLED_SIGNALS}
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in DAEMON_SIGNALS}
         previous_wakeup = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
         try:
             if self.docs and self.server_url:
