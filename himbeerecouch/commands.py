@@ -15,6 +15,10 @@ At most once, across reconnects, duplicate notifications and crashes:
    found (still running and killed, or ended; the output is lost either way).
 A document that has `ret` is never run.
 
+What a command may do beyond the daemon's user (reboot, root) is `command_privileges`, see
+privileges.py: a refused one gets a final answer that names the setting; a power action is
+done once its result is written, so that it is not run again after the reboot.
+
 Claims happen on one thread, runs on `max_parallel` worker threads, so a long command delays
 neither program restarts (another thread altogether) nor the claims of other commands.
 """
@@ -33,13 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import privileges
 from .couch import CONNECTION_ERRORS, Conflict, Database, describe_error
+from .privileges import HelperError, Plan, PowerRequest, Refused, RootProcess
 from .processes import child_environment, kill_group, now_iso
 from .state import StateDir
 
 log = logging.getLogger(__name__)
 
 CLAIMED, STARTED, FINISHED = "claimed", "started", "finished"
+WRITTEN, MOOT = "written", "moot"          # what became of a result (CommandRunner._report)
 INTERRUPTED_REASON = "interrupted: the daemon stopped while the command ran; it is not run again"
 # Each run's token, in the command's environment: finds its processes after a daemon crash,
 # even those that left its process group.
@@ -51,6 +58,7 @@ class Limits:
     timeout: float            # seconds, when the document gives none
     output_cap: int           # bytes kept per stream
     workdir: str
+    user: str = "rspby"       # the daemon's user, named in refusals
 
 
 def invalid_reason(doc: dict) -> str | None:
@@ -106,6 +114,12 @@ def not_run_result(error: "LedgerError") -> dict[str, Any]:
                           "run it twice. Free or repair the state dir, then send the command again."],
             "returncode": None, "finished": now_iso("milliseconds"),
             "error": f"not run: cannot write the state dir ({error.reason})"}
+
+
+def refused_result(reason: str) -> dict[str, Any]:
+    """The final answer to a command this Pi's command_privileges do not allow."""
+    return {"ret": [None, f"not run: {reason}"], "returncode": None, "finished": now_iso("milliseconds"),
+            "error": "not allowed"}
 
 
 def interrupted_result(entry: dict, what: str) -> dict[str, Any]:
@@ -175,6 +189,10 @@ def end_leftovers(entry: dict, before_kill: Callable[[], None] = lambda: None) -
     recorded = entry.get("boot")
     if recorded and boot_id() and recorded != boot_id():
         return "the Pi restarted since, which ended it"
+    if entry.get("as") == "root":
+        # Root's processes are not ours to find or kill: the root helper killed its process
+        # group when the daemon's connection closed, and its unit's stop killed the rest.
+        return "it ran as root and the root helper ended it when the daemon went away"
     pgid, ticks = entry.get("pgid"), entry.get("start_ticks")
     where = f" (process group {pgid})" if isinstance(pgid, int) else ""
     # The group is ours while its leader is the very process we started (not a reused pid).
@@ -208,18 +226,28 @@ def _decode(data: bytes, dropped: int, cap: int) -> str:
     return text
 
 
+class UserProcess(subprocess.Popen):
+    """A command run as the daemon's user, in its own process group (killed as a whole)."""
+
+    def __init__(self, argv: list[str], limits: Limits, env: dict[str, str]) -> None:
+        super().__init__(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=limits.workdir, env={**child_environment(), **env}, start_new_session=True)
+
+    def kill_tree(self) -> None:
+        kill_group(self.pid)
+
+
 def run_command(argv: list[str], timeout: float, limits: Limits,
-                on_start: Callable[[subprocess.Popen], None] = lambda process: None,
-                env: dict[str, str] | None = None) -> dict[str, Any]:
+                on_start: Callable[[Any], None] = lambda process: None,
+                env: dict[str, str] | None = None,
+                start: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run argv (no shell) with a timeout and capped output; the result fields of the document.
-    `env` is added to the daemon's environment."""
+    `env` is added to the daemon's environment. `start` starts it some other way (as root):
+    it returns what UserProcess offers, or raises OSError or HelperError."""
     started = now_iso("milliseconds")
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, cwd=limits.workdir,
-                                   env={**child_environment(), **(env or {})},
-                                   start_new_session=True)   # its own group: killed as a whole
-    except (OSError, ValueError) as error:
+        process = start() if start else UserProcess(argv, limits, env or {})
+    except (OSError, ValueError, HelperError) as error:
         # The original's shape for a command that cannot start: [null, repr(error)].
         return {"ret": [None, repr(error)], "returncode": None, "started": started,
                 "finished": now_iso("milliseconds"), "error": f"cannot start: {error}"}
@@ -235,7 +263,7 @@ def run_command(argv: list[str], timeout: float, limits: Limits,
             remaining = deadline - time.monotonic()
             if remaining <= 0 and not timed_out:
                 timed_out = True
-                kill_group(process.pid)
+                process.kill_tree()
             for key, _ in selector.select(0.2 if timed_out else min(remaining, 0.2)):
                 data = os.read(key.fd, 65536)
                 if not data:
@@ -247,7 +275,7 @@ def run_command(argv: list[str], timeout: float, limits: Limits,
                 dropped[key.fileobj] += len(data) - min(room, len(data))
             if process.poll() is not None:
                 # Whatever it left running must not hold the pipes (or the Pi) forever.
-                kill_group(process.pid)
+                process.kill_tree()
     returncode = process.wait()
     for stream in kept:
         stream.close()
@@ -332,15 +360,18 @@ class Ledger:
 
 class CommandRunner:
     def __init__(self, *, connect: Callable[[], Database], macid: int, state: StateDir, limits: Limits,
-                 max_parallel: int) -> None:
+                 max_parallel: int, privileges: str = privileges.NONE,
+                 root_helper: str = privileges.DEFAULT_SOCKET) -> None:
         self._connect = connect
         self.macid = macid
         self.limits = limits
+        self.privileges = privileges
+        self.root_helper = root_helper
         self.ledger = Ledger(state)
         self._claims: queue.Queue = queue.Queue()
         self._runs: queue.Queue = queue.Queue()
         self._active: set[str] = set()                  # claimed or running in this process
-        self._processes: dict[str, subprocess.Popen] = {}
+        self._processes: dict[str, Any] = {}     # UserProcess or RootProcess
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads = [threading.Thread(target=self._claim_loop, name="command-claims", daemon=True)]
@@ -367,7 +398,7 @@ class CommandRunner:
         with self._lock:
             processes = list(self._processes.values())
         for process in processes:
-            kill_group(process.pid)
+            process.kill_tree()
         self._claims.put(None)
         for _ in self._threads[1:]:
             self._runs.put(None)
@@ -435,8 +466,11 @@ class CommandRunner:
                 if action == "drop":
                     self.ledger.drop(doc_id)            # done, by us or anyone: never run again
                 elif action == "report":
-                    if self._report(doc, entry["result"]):
+                    outcome = self._report(doc, entry["result"])
+                    if outcome:
                         self.ledger.drop(doc_id)
+                    if outcome == WRITTEN and entry.get("then"):
+                        self._power_after_report(doc_id, entry["then"])
                 elif action == "claim":
                     self._claim(doc)
                 elif action == "run":
@@ -457,6 +491,12 @@ class CommandRunner:
             log.warning("command %s not run: %s", doc["_id"], reason)
             self._write_result(doc, {"ret": [None, reason], "returncode": None,
                                      "finished": now_iso("milliseconds"), "error": "invalid"})
+            return
+        try:
+            self._plan(doc)
+        except Refused as refusal:
+            log.warning("command %s not run: %s", doc["_id"], refusal)
+            self._write_result(doc, refused_result(str(refusal)))
             return
         try:
             self.ledger.set(doc["_id"], {"state": CLAIMED})
@@ -488,16 +528,22 @@ class CommandRunner:
             if doc is None:
                 return
             doc_id = doc["_id"]
+            power: PowerRequest | None = None
             try:
                 if self._stopping.is_set():
                     continue                            # claimed, not started: run at next start
-                result = self._run(doc)
-                self.ledger.set(doc_id, {"state": FINISHED, "result": result}, durable=False)
+                result, power = self._run(doc)
+                finished = {"state": FINISHED, "result": result, **({"then": power.action} if power else {})}
+                self.ledger.set(doc_id, finished, durable=False)
                 log.info("command %s: return code %s%s", doc_id, result["returncode"],
                          f" ({result['error']})" if "error" in result else "")
                 db = db or self._connect()
-                if self._report(doc, result, db):
+                outcome = self._report(doc, result, db)
+                if outcome:
                     self.ledger.drop(doc_id)
+                if power and outcome == WRITTEN:
+                    self._go(doc_id, power, db)
+                    power = None
             except (*CONNECTION_ERRORS, OSError) as error:
                 log.warning("command %s: cannot write its result yet (%s); kept in the ledger", doc_id,
                             describe_error(error))
@@ -505,50 +551,107 @@ class CommandRunner:
             except Exception:
                 log.exception("command %s: unexpected failure", doc_id)
             finally:
+                if power is not None:
+                    power.cancel()                      # not written: asked again once it is
                 with self._lock:
                     self._active.discard(doc_id)
                     self._processes.pop(doc_id, None)
 
-    def _run(self, doc: dict) -> dict[str, Any]:
-        """Record the start durably, then run; the result fields of the document."""
+    def _plan(self, doc: dict) -> Plan:
+        return privileges.plan(doc, self.privileges, self.limits.user)
+
+    def _run(self, doc: dict) -> tuple[dict[str, Any], PowerRequest | None]:
+        """Record the start durably, then run; the result fields of the document, and the power
+        action to do once they are written."""
         doc_id = doc["_id"]
+        try:
+            plan = self._plan(doc)
+        except Refused as refusal:                      # the setting changed since the claim
+            return refused_result(str(refusal)), None
+        if plan.how == "power":
+            return self._prepare_power(doc_id, plan)
         token = uuid.uuid4().hex
-        record = {"state": STARTED, "token": token, "boot": boot_id(), "started": now_iso("milliseconds")}
+        record = {"state": STARTED, "token": token, "boot": boot_id(), "started": now_iso("milliseconds"),
+                  **({"as": "root"} if plan.how == "root" else {})}
         try:
             self.ledger.set(doc_id, record)
         except LedgerError as error:
             log.error("command %s not run: cannot record its start: %s", doc_id, error)
-            return not_run_result(error)
+            return not_run_result(error), None
 
-        def on_start(process: subprocess.Popen) -> None:
+        def on_start(process: Any) -> None:
             self._track(doc_id, process)
             # Best effort: if this is lost, the token still finds the processes after a crash.
-            self.ledger.set(doc_id, {**record, "pid": process.pid, "pgid": process.pid,
-                                     "start_ticks": start_ticks(process.pid)}, durable=False)
+            if plan.how == "user":
+                self.ledger.set(doc_id, {**record, "pid": process.pid, "pgid": process.pid,
+                                         "start_ticks": start_ticks(process.pid)}, durable=False)
 
         timeout = doc.get("timeout") or self.limits.timeout
-        log.info("command %s: running %s", doc_id, doc["cmd"])
-        result = run_command(doc["cmd"], timeout, self.limits, on_start=on_start, env={COMMAND_ENV: token})
+        argv = list(plan.argv)
+        log.info("command %s: running %s%s", doc_id, argv, " as root" if plan.how == "root" else "")
+        start = (lambda: RootProcess(self.root_helper, argv, token)) if plan.how == "root" else None
+        result = run_command(argv, timeout, self.limits, on_start=on_start, env={COMMAND_ENV: token},
+                             start=start)
         if self._stopping.is_set() and result.get("returncode", 0) == -signal.SIGKILL:
             result["error"] = "interrupted"
             result["ret"][1] += f"\n[{INTERRUPTED_REASON}]"
-        return result
+        return result, None
 
-    def _track(self, doc_id: str, process: subprocess.Popen) -> None:
+    def _prepare_power(self, doc_id: str, plan: Plan) -> tuple[dict[str, Any], PowerRequest | None]:
+        """Ask the root helper whether it will do the action; the result says what happens next."""
+        started = now_iso("milliseconds")
+        what = privileges.WHAT[plan.action]
+        try:
+            request = PowerRequest(self.root_helper, plan.action)
+        except HelperError as error:
+            log.error("command %s: cannot %s: %s", doc_id, what, error)
+            return {"ret": [None, f"not run: cannot {what}: {error}"], "returncode": None, "started": started,
+                    "finished": now_iso("milliseconds"), "error": f"not run: {error}"}, None
+        log.info("command %s: will %s once its result is written", doc_id, what)
+        return {"ret": [f"{plan.action}: the root helper will {what} once this result is written\n", ""],
+                "returncode": 0, "started": started, "finished": now_iso("milliseconds")}, request
+
+    def _go(self, doc_id: str, request: PowerRequest, db: Database) -> None:
+        """The result is written: the action now (the Pi may go down at once)."""
+        what = privileges.WHAT[request.action]
+        try:
+            request.go()
+            log.warning("command %s: asked the root helper to %s", doc_id, what)
+        except HelperError as error:
+            log.error("command %s: cannot %s: %s", doc_id, what, error)
+            try:
+                doc = db.get(doc_id)
+                if doc is not None:
+                    db.put({**doc, "error": f"the result was written, then {what} failed: {error}"})
+            except (*CONNECTION_ERRORS, Conflict, OSError):
+                pass
+
+    def _power_after_report(self, doc_id: str, action: str) -> None:
+        """A power command whose result was written late (the server was away): the action now,
+        asked of the helper afresh."""
+        try:
+            request = PowerRequest(self.root_helper, action)
+        except HelperError as error:
+            log.error("command %s: cannot %s: %s", doc_id, privileges.WHAT[action], error)
+            return
+        self._go(doc_id, request, self._database())
+
+    def _track(self, doc_id: str, process: Any) -> None:
         with self._lock:
             self._processes[doc_id] = process
         if self._stopping.is_set():
-            kill_group(process.pid)
+            process.kill_tree()
 
-    def _report(self, doc: dict, result: dict, db: Database | None = None) -> bool:
-        """Write the result into the document, merging with whatever else changed meanwhile."""
+    def _report(self, doc: dict, result: dict, db: Database | None = None) -> str:
+        """Write the result into the document, merging with whatever else changed meanwhile:
+        WRITTEN, MOOT (deleted, or answered by someone else) or "" (not written)."""
         db = db or self._database()
         for _ in range(5):
             try:
                 db.put({**doc, **result})
-                return True
+                return WRITTEN
             except Conflict:
                 doc = db.get(doc["_id"])
                 if doc is None or "ret" in doc:
-                    return True                         # deleted, or answered: nothing to add
-        return False
+                    return MOOT                         # deleted, or answered: nothing to add
+        return ""

@@ -52,6 +52,8 @@ class Config:
     led_pin: int | None = 16              # BCM pin blinked while waiting for provisioning; empty: none
     log_level: str = "INFO"
     spawn: str = "fork-server"           # how programs start: fork-server (preloaded) or exec (fresh)
+    command_privileges: str = "none"      # none, power (reboot, power off, restart), root (see privileges.py)
+    root_helper: str = "/run/himbeerecouch/root.sock"   # the root helper's socket
     boot_config: str = DEFAULT_BOOT_FILE  # per-card settings; they win; empty: none
 
     @property
@@ -231,6 +233,8 @@ VALIDATORS: dict[str, Callable[[str], object]] = {
     "led_pin": _optional(_whole(0, 27, " (a BCM GPIO number)")),
     "log_level": _choice(*LOG_LEVELS, upper=True),
     "spawn": _choice("fork-server", "exec"),
+    "command_privileges": _choice("none", "power", "root"),
+    "root_helper": _absolute_path,
     "boot_config": _optional_path,
 }
 

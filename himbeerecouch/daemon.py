@@ -31,6 +31,7 @@ from .forkserver import ForkServer
 from .identity import IdentityError, device_macid
 from .notify import Notifier
 from .outputtail import OutputTails, OutputWriter
+from .privileges import check_privileges, user_name
 from .processes import DAEMON_SIGNALS, child_environment, kill_group, now_iso
 from .programs import Supervisor
 from .state import StateDir, write_atomic
@@ -90,6 +91,7 @@ class Daemon:
         self.macid = device_macid(config)
         self._device_credentials: tuple[str, str] | None = None
         self.server_url = config.server_url()
+        check_privileges(config, self.server_url)
         owner = {"server": redact(self.server_url), "database": config.database, "macid": self.macid}
         self.state = StateDir(config.state_dir, owner)
         try:
@@ -208,7 +210,9 @@ class Daemon:
                 connect=self._connect, macid=self.macid, state=self.state,
                 max_parallel=self.config.max_parallel_commands,
                 limits=Limits(timeout=self.config.command_timeout_seconds,
-                              output_cap=self.config.command_output_cap_bytes, workdir=self.commands_workdir))
+                              output_cap=self.config.command_output_cap_bytes, workdir=self.commands_workdir,
+                              user=user_name()),
+                privileges=self.config.command_privileges, root_helper=self.config.root_helper)
             self.commands.start()
             self._commands_key = self._connection_key()
         self.writer = StatusWriter(connect=self._connect_status, doc_id=f"{self.macid}_heartbeat",
@@ -261,7 +265,8 @@ class Daemon:
     def _connection_key(self) -> tuple:
         return (self.server_url, self.config.database, self.macid, self.config.ca_file,
                 str(self.config.state_dir), self.config.max_parallel_commands,
-                self.config.command_timeout_seconds, self.config.command_output_cap_bytes)
+                self.config.command_timeout_seconds, self.config.command_output_cap_bytes,
+                self.config.command_privileges, self.config.root_helper)
 
     def _stop_threads(self) -> None:
         if self.discovery:

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -293,3 +294,52 @@ def main():
 
 def starts(marker_dir: Path, label: str) -> list[str]:
     return sorted(p.name for p in marker_dir.glob(f"{label}-*"))
+
+
+class RootHelperSocket:
+    """What himbeerecouch-root.socket does (systemd, Accept=yes): listen, and start one root
+    helper per connection with the connection as its standard input. Here the helper runs as
+    the test's user, is told the daemon's process id (systemd would give the unit's MainPID),
+    and records power actions in `power_log` instead of doing them."""
+
+    def __init__(self, path: Path, config_path: Path, daemon_pid: Callable[[], int], power_log: Path) -> None:
+        self.path = path
+        self.log_path = path.with_suffix(".log")
+        self.power_log = power_log
+        self._config_path = config_path
+        self._daemon_pid = daemon_pid
+        self._helpers: list[subprocess.Popen] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._listener.bind(str(path))
+        self._listener.listen(16)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return                          # closed
+            with connection, open(self.log_path, "ab") as log:
+                self._helpers.append(subprocess.Popen(
+                    [sys.executable, "-m", "himbeerecouch.roothelper", "--config", str(self._config_path),
+                     "--daemon-pid", str(self._daemon_pid()), "--power-log", str(self.power_log)],
+                    stdin=connection, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT))
+
+    def power_actions(self) -> list[str]:
+        return self.power_log.read_text().split() if self.power_log.exists() else []
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(5)
+        for helper in self._helpers:
+            try:
+                helper.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait()

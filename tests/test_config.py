@@ -40,6 +40,8 @@ GOOD = {
     "led_pin": ("", None),
     "log_level": ("debug", "DEBUG"),
     "spawn": (" Exec ", "exec"),
+    "command_privileges": (" Root ", "root"),
+    "root_helper": ("/run/other/root.sock", "/run/other/root.sock"),
     "boot_config": ("/boot/other.txt", "/boot/other.txt"),
 }
 
@@ -63,6 +65,8 @@ BAD = {
     "led_pin": ["28", "-1", "GPIO16", "1.5"],
     "log_level": ["LOUD", "", "10"],
     "spawn": ["fork", "", "forkserver"],
+    "command_privileges": ["sudo", "", "yes"],
+    "root_helper": ["root.sock", ""],
     "boot_config": ["himbeerecouch.txt"],
     **{key: DURATION_BAD for key in (
         "interface_wait_seconds", "grace_seconds", "feed_heartbeat_seconds", "status_interval_seconds",
