@@ -154,6 +154,9 @@ def test_source_package_alone_builds_offline(build, source_tree, tmp_path_factor
 def test_package_layout(unpacked):
     for path in ["etc/himbeerecouch/himbeerecouch.conf", "usr/lib/systemd/system/himbeerecouch.service",
                  "usr/lib/systemd/system/himbeerecouch-firstboot.service", "usr/lib/tmpfiles.d/himbeerecouch.conf",
+                 "usr/lib/systemd/system/himbeerecouch-root.socket",
+                 "usr/lib/systemd/system/himbeerecouch-root@.service",
+                 "usr/lib/python3/dist-packages/himbeerecouch/roothelper.py",
                  "usr/bin/himbeerecouch", "usr/bin/himbeerecouch-creds",
                  "usr/share/man/man8/himbeerecouch.8.gz", "usr/share/man/man8/himbeerecouch-creds.8.gz",
                  "usr/lib/python3/dist-packages/himbeerecouch/__init__.py",

@@ -157,6 +157,20 @@ def test_firstboot_unit_contract(src):
     assert unit["Unit"]["Documentation"]
 
 
+def test_root_helper_units_contract(src):
+    """The root helper: one per connection, on a socket that only root and the group rspby may
+    use, started as a fresh, isolated interpreter (no PYTHONPATH, no user site, no script dir)."""
+    socket_unit = _unit(src / "debian" / "himbeerecouch.himbeerecouch-root.socket")["Socket"]
+    assert socket_unit["ListenSequentialPacket"] == "/run/himbeerecouch/root.sock"
+    assert socket_unit["Accept"] == "yes" and socket_unit["SocketMode"] == "0660"
+    assert (socket_unit["SocketUser"], socket_unit["SocketGroup"]) == ("root", "rspby")
+    service = _unit(src / "debian" / "himbeerecouch.himbeerecouch-root@.service")["Service"]
+    assert service["StandardInput"] == "socket" and "User" not in service
+    assert service["ExecStart"].split()[:4] == ["/usr/bin/python3", "-I", "-m", "himbeerecouch.roothelper"]
+    assert "--config /etc/himbeerecouch/himbeerecouch.conf" in service["ExecStart"]
+    assert "--daemon-pid" not in service["ExecStart"] and "--power-log" not in service["ExecStart"]
+
+
 def test_debconf_question_is_asked_at_priority_high(src):
     """A person installing the package by hand is asked for the server (debconf's default
     priority threshold is high); the lifecycle shows it with the teletype frontend."""

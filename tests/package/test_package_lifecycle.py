@@ -27,7 +27,8 @@ PRESEEDED = "http://preseeded.invalid:5984"
 # What a person types, and what must never be kept: a password in a server URL.
 TYPED = "http://typed.invalid:5984"
 SECRET = "pkgtest-secret-4711"
-UNITS = ["himbeerecouch.service", "himbeerecouch-firstboot.service"]
+UNITS = ["himbeerecouch.service", "himbeerecouch-firstboot.service", "himbeerecouch-root.socket"]
+CONFFILE = "etc/himbeerecouch/himbeerecouch.conf"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 PROGRAM = '''
@@ -68,6 +69,38 @@ def main():
     open("stubborn-%d" % os.getpid(), "w").close()
     while True:
         time.sleep(1)
+'''
+# A program (user rspby, like the daemon) that tries to have the root helper run a command, and
+# to read the daemon's memory-backed files (non-dumpable: hidden or refused).
+SNEAKY = '''
+import json, os, socket, threading
+def main():
+    found = {"uid": os.getuid()}
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect("/run/himbeerecouch/root.sock")
+        r, w = os.pipe()
+        request = {"request": "run", "argv": ["touch", "/etc/himbeerecouch-pwned"], "token": "abc"}
+        socket.send_fds(s, [json.dumps(request).encode()], [w, w])
+        found["answer"] = json.loads(s.recv(65536) or b"null")
+    except OSError as error:
+        found["answer"] = {"oserror": str(error)}
+    parent = os.getppid()
+    with open("/proc/%d/cmdline" % parent, "rb") as f:
+        if b"forkserver" in f.read():                 # the daemon is the fork server's parent
+            with open("/proc/%d/stat" % parent) as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+    found["daemon"] = parent
+    try:
+        open("/proc/%d/environ" % parent, "rb").read()
+        found["environ"] = "read"
+    except OSError as error:
+        found["environ"] = error.strerror
+    with open("sneaky.json", "w") as f:
+        json.dump(found, f)
+    done = threading.Event()
+    register_quit_notification(done.set)
+    done.wait()
 '''
 
 
@@ -162,6 +195,26 @@ class Story:
     def status(self) -> dict:
         return self.admin.get(f"{self.macid}_heartbeat") or {}
 
+    def command(self, doc_id: str, cmd: list[str], timeout: float = 60) -> dict:
+        """Post a command document for this Pi and wait for its result."""
+        self.admin.put({"_id": doc_id, "type": f"{self.macid}_cmd", "cmd": cmd})
+        return wait_for(lambda: (lambda d: d if d and "ret" in d else None)(self.admin.get(doc_id)), timeout,
+                        message=f"the result of {cmd}\n{self.daemon_log()}")
+
+    def set_privileges(self, setting: str | None) -> None:
+        """command_privileges (with the server in the conffile, which they need), or neither;
+        then a daemon restart."""
+        conffile = self.root / CONFFILE
+        lines = [line for line in conffile.read_text().splitlines()
+                 if not line.startswith(("command_privileges =", "server ="))]
+        if setting:
+            lines += [f"server = {self.couch.url}", f"command_privileges = {setting}"]
+        conffile.write_text("\n".join(lines) + "\n")
+        before = self.daemon()["InvocationID"]
+        self.container.exec("systemctl", "restart", "himbeerecouch.service")
+        wait_for(lambda: (lambda s: s["ActiveState"] == "active" and s["InvocationID"] != before)(self.daemon()),
+                 30, message="the daemon restarted")
+
     def operator(self, *args: str, input: str | None = None) -> str:
         """The operator's command line (`himbeerecouch ...`) on the host, as the test server's admin."""
         env = dict(os.environ, COUCHDB_URL=self.couch.url, COUCHDB_USER=ADMIN[0], COUCHDB_PASSWORD=ADMIN[1],
@@ -233,6 +286,7 @@ class TestLifecycle:
         wants = story.root / "etc" / "systemd" / "system" / "multi-user.target.wants"
         assert (wants / "himbeerecouch.service").is_symlink()
         assert (wants / "himbeerecouch-firstboot.service").is_symlink()
+        assert (story.root / "etc/systemd/system/sockets.target.wants/himbeerecouch-root.socket").is_symlink()
         # (Debian 13's systemctl also says, among its lines, that /proc is not mounted.)
         states = chroot(story.root, "systemctl", "is-enabled", "himbeerecouch.service",
                         "himbeerecouch-firstboot.service").stdout.splitlines()
@@ -241,7 +295,8 @@ class TestLifecycle:
     def test_systemd_analyze_verify_prints_nothing(self, story):
         # It exits 0 even on parse errors: its output is the verdict.
         result = chroot(story.root, "systemd-analyze", "verify", "/usr/lib/systemd/system/himbeerecouch.service",
-                        "/usr/lib/systemd/system/himbeerecouch-firstboot.service", check=False)
+                        "/usr/lib/systemd/system/himbeerecouch-firstboot.service",
+                        "/usr/lib/systemd/system/himbeerecouch-root.socket", check=False)
         assert result.stdout.strip() == "" and result.returncode == 0, result.stdout
 
     def test_systemd_analyze_security(self, story):
@@ -458,6 +513,62 @@ class TestLifecycle:
             story.wait_new_marker(markers)
         assert container.memory_limit("himbeerecouch.service") != MEMORY_MAX
 
+    # ---- privileged commands (command_privileges) -----------------------------------------
+
+    def test_privileged_commands_are_refused_by_default(self, story):
+        assert story.active("himbeerecouch-root.socket") == "active"
+        stat = story.container.exec("stat", "-c", "%U:%G %a %F", "/run/himbeerecouch/root.sock").stdout.strip()
+        assert stat == "root:rspby 660 socket", stat
+        doc = story.command("pkg-reboot-none", ["systemctl", "reboot"])
+        assert doc["error"] == "not allowed" and "command_privileges = power" in doc["ret"][1], doc
+        doc = story.command("pkg-sudo-none", ["sudo", "id", "-u"])
+        assert doc["error"] == "not allowed" and "command_privileges = root" in doc["ret"][1], doc
+        assert story.command("pkg-id-none", ["id", "-u"])["ret"][0] == f"{story.uid('rspby')}\n"
+        assert story.container.process.poll() is None, "the container went down"
+
+    def test_root_runs_commands_as_root_and_no_program_gets_it(self, story):
+        story.set_privileges("root")
+        doc = story.command("pkg-id-root", ["id", "-u"])
+        assert doc["ret"] == ["0\n", ""] and doc["returncode"] == 0, f"{doc}\n{story.daemon_log()}"
+        doc = story.command("pkg-sudo-root", ["sudo", "touch", "/etc/himbeerecouch-root-was-here"])
+        assert doc["returncode"] == 0, doc
+        assert chroot(story.root, "stat", "-c", "%U", "/etc/himbeerecouch-root-was-here").stdout.strip() == "root"
+        (story.root / "etc" / "himbeerecouch-root-was-here").unlink()
+        story.admin.put({"_id": "sneaky", "type": story.macid, "code": SNEAKY})
+        report = story.var("programs", "sneaky", "sneaky.json")
+        found = json.loads(wait_for(lambda: report.exists() and report.stat().st_size and report.read_text(), 60,
+                                    message=f"the program's report\n{story.daemon_log()}"))
+        story.admin.delete("sneaky")
+        assert found["uid"] == story.uid("rspby"), found
+        assert "only the himbeerecouch daemon" in found["answer"].get("error", ""), found
+        assert str(found["daemon"]) == story.daemon()["MainPID"], found
+        # The daemon is non-dumpable: under ProtectProc=invisible its programs do not even see it.
+        assert found["environ"] in ("No such file or directory", "Permission denied"), found
+        assert not (story.root / "etc" / "himbeerecouch-pwned").exists()
+        helper_log = story.container.exec("journalctl", "--no-pager", "-u", "himbeerecouch-root@*").stdout
+        assert "refused" in helper_log and "running as root for the daemon" in helper_log, helper_log
+
+    def test_power_reboots_once_its_result_is_written_and_not_again(self, story, timings):
+        story.set_privileges("power")
+        assert story.command("pkg-id-power", ["id", "-u"])["ret"][0] == f"{story.uid('rspby')}\n"
+        story.admin.put({"_id": "pkg-reboot", "type": f"{story.macid}_cmd", "cmd": ["reboot"]})
+        start = time.monotonic()
+        # systemd-nspawn --keep-unit ends with 133 when its container reboots.
+        code = wait_for(lambda: story.container.process.poll(), 90, interval=0.2,
+                        message=f"the container to reboot\n{story.daemon_log()}")
+        timings[f"{story.suite}: reboot command to the container's end"] = round(time.monotonic() - start, 1)
+        assert code == 133, code
+        doc = story.admin.get("pkg-reboot")
+        assert doc["returncode"] == 0 and doc["ret"][0].startswith("reboot: "), doc
+        story.container.poweroff()
+        story.boot(timings)
+        wait_for(lambda: story.daemon()["ActiveState"] == "active", 30, message="the daemon after the reboot")
+        assert story.command("pkg-after-reboot", ["echo", "back"])["ret"] == ["back\n", ""]
+        time.sleep(2)
+        assert story.container.process.poll() is None, "the reboot command ran again"
+        assert story.admin.get("pkg-reboot")["_rev"] == doc["_rev"]
+        story.set_privileges(None)
+
     # ---- a cloned card -------------------------------------------------------------------
 
     def test_cloned_card_gets_new_credentials(self, story, timings):
@@ -487,10 +598,11 @@ class TestLifecycle:
         assert "warning" not in result.stdout.lower(), result.stdout
         assert story.rspby_processes() == ""
         # The first-boot unit too (a oneshot that remains "active (exited)" unless stopped).
-        assert [story.active(unit) for unit in UNITS] == ["inactive", "inactive"]
+        assert [story.active(unit) for unit in UNITS] == ["inactive"] * len(UNITS)
         assert story.var("credentials.json").exists()
         assert (story.root / "etc" / "himbeerecouch" / "himbeerecouch.conf").exists()
         assert not (story.root / "etc" / "issue.d" / "himbeerecouch.issue").exists()
+        assert story.container.exec("test", "-e", "/run/himbeerecouch/root.sock", check=False).returncode != 0
 
     def test_purge_keeps_the_user_and_nothing_else(self, story):
         story.rspby_uid = story.uid("rspby")
@@ -538,7 +650,7 @@ class TestLifecycle:
     def test_purge_again_leaves_only_the_user(self, story):
         result = story.container.exec("dpkg", "--purge", "himbeerecouch")
         assert "warning" not in result.stdout.lower(), result.stdout
-        assert [story.active(unit) for unit in UNITS] == ["inactive", "inactive"]
+        assert [story.active(unit) for unit in UNITS] == ["inactive"] * len(UNITS)
         story.container.poweroff()
         assert_purged(story)
 
