@@ -168,12 +168,12 @@ def send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> No
         sock.send(data)
 
 
-def receive(sock: socket.socket, fds: int = 0) -> tuple[dict | None, list[int]]:
+def receive(sock: socket.socket, fds: int = 0, flags: int = 0) -> tuple[dict | None, list[int]]:
     """One message (None when the other side closed) and the descriptors that came with it."""
     if fds:
-        data, received, _, _ = socket.recv_fds(sock, MAX_MESSAGE, fds)
+        data, received, _, _ = socket.recv_fds(sock, MAX_MESSAGE, fds, flags)
     else:
-        data, received = sock.recv(MAX_MESSAGE), []
+        data, received = sock.recv(MAX_MESSAGE, flags), []
     if not data:
         return None, received
     try:
@@ -279,15 +279,12 @@ class RootProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self._helper.sock.setblocking(False)
             try:
-                self._take(receive(self._helper.sock)[0])
+                self._take(receive(self._helper.sock, flags=socket.MSG_DONTWAIT)[0])
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
                 self._take(None)
-            finally:
-                self._helper.sock.setblocking(True)
         return self.returncode
 
     def wait(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import selectors
 import signal
 import socket
@@ -148,6 +149,8 @@ def run_as_root(sock: socket.socket, message: dict, fds: list[int]) -> None:
                 except OSError:
                     request = None
                 _kill_group(process.pid)                # asked to, or the daemon went away
+                if ended:
+                    _kill_the_rest_of_my_unit()
                 if request is None:
                     if not ended:
                         process.wait()
@@ -161,6 +164,38 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _kill_the_rest_of_my_unit() -> None:
+    """Once the command has ended: whatever it started in another session or process group
+    would still hold its output pipes (and the daemon's wait). Under systemd this helper has a
+    unit (a control group) of its own: every other process in it is the command's."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    candidates = []
+    for line in lines:                                  # "0::/path" (v2), "1:name=systemd:/path" (v1)
+        _, controllers, path = line.split(":", 2)
+        if not re.search(r"/himbeerecouch-root@[^/]*\.service$", path):
+            continue                                    # not the socket unit's (tests), or another hierarchy
+        if controllers == "":
+            candidates += [f"/sys/fs/cgroup{path}", f"/sys/fs/cgroup/unified{path}"]
+        elif controllers == "name=systemd":
+            candidates.append(f"/sys/fs/cgroup/systemd{path}")
+    pids: list[str] = []
+    for folder in candidates:
+        try:
+            pids = Path(folder, "cgroup.procs").read_text().split()
+            break
+        except OSError:
+            continue
+    for pid in map(int, pids):
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def power(sock: socket.socket, message: dict, unit: str, power_log: str | None) -> None:

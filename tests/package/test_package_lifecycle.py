@@ -195,10 +195,10 @@ class Story:
     def status(self) -> dict:
         return self.admin.get(f"{self.macid}_heartbeat") or {}
 
-    def command(self, doc_id: str, cmd: list[str], timeout: float = 60) -> dict:
+    def command(self, doc_id: str, cmd: list[str], wait: float = 60, **fields) -> dict:
         """Post a command document for this Pi and wait for its result."""
-        self.admin.put({"_id": doc_id, "type": f"{self.macid}_cmd", "cmd": cmd})
-        return wait_for(lambda: (lambda d: d if d and "ret" in d else None)(self.admin.get(doc_id)), timeout,
+        self.admin.put({"_id": doc_id, "type": f"{self.macid}_cmd", "cmd": cmd, **fields})
+        return wait_for(lambda: (lambda d: d if d and "ret" in d else None)(self.admin.get(doc_id)), wait,
                         message=f"the result of {cmd}\n{self.daemon_log()}")
 
     def set_privileges(self, setting: str | None) -> None:
@@ -534,6 +534,12 @@ class TestLifecycle:
         assert doc["returncode"] == 0, doc
         assert chroot(story.root, "stat", "-c", "%U", "/etc/himbeerecouch-root-was-here").stdout.strip() == "root"
         (story.root / "etc" / "himbeerecouch-root-was-here").unlink()
+        # What a root command leaves running in a session of its own, holding its output, is
+        # killed once it ends (the helper's unit is its control group): the answer comes at once.
+        doc = story.command("pkg-setsid-root", ["sh", "-c", "setsid sleep 300.25 & echo started"],
+                            timeout=120)
+        assert doc["ret"][0] == "started\n" and doc["returncode"] == 0 and "error" not in doc, doc
+        assert "300.25" not in story.container.exec("ps", "-eo", "args").stdout
         story.admin.put({"_id": "sneaky", "type": story.macid, "code": SNEAKY})
         report = story.var("programs", "sneaky", "sneaky.json")
         found = json.loads(wait_for(lambda: report.exists() and report.stat().st_size and report.read_text(), 60,
