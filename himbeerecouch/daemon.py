@@ -530,7 +530,7 @@ class Daemon:
         return heartbeat(macid=self.macid, started=self.started, started_iso=self.started_iso,
                          stopping=self.stopping, feed_connected=self.feed_connected,
                          feed_error=self.feed_error, programs=self.supervisor.programs,
-                         spawn=self.spawn_status())
+                         spawn=self.spawn_status(), command_privileges=self.config.command_privileges)
 
     def _summary(self) -> str:
         return summary(self.supervisor.programs, self.server_url, self.feed_connected, self.feed_error)

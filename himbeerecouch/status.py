@@ -36,7 +36,7 @@ def local_ip(server_url: str) -> str | None:
 
 def heartbeat(*, macid: int, started: float, started_iso: str, stopping: bool, feed_connected: bool,
               feed_error: str | None, programs: dict[str, Program],
-              spawn: dict[str, Any] | None = None) -> dict[str, Any]:
+              spawn: dict[str, Any] | None = None, command_privileges: str = "none") -> dict[str, Any]:
     """The daemon's side of the status document (the writer adds ip, timestamp, uptime)."""
     shown = {doc_id: program.status() for doc_id, program in sorted(programs.items())}
     return {
@@ -53,6 +53,8 @@ def heartbeat(*, macid: int, started: float, started_iso: str, stopping: bool, f
         "programs": shown,
         # How programs start: {"mode": "fork-server" | "exec", "fork_server_pid", "error"}.
         "spawn": spawn,
+        # What command documents may do here beyond the daemon's user: none, power or root.
+        "command_privileges": command_privileges,
     }
 
 

@@ -208,6 +208,7 @@ def test_power_restarts_the_daemon_and_runs_other_commands_as_the_user(admin, pr
     assert "command_privileges = root" in result(admin, "sudo")["ret"][1]
     admin.put({"_id": "id", "type": CMD, "cmd": ["id", "-u"]})
     assert result(admin, "id")["ret"][0] == f"{os.getuid()}\n"
+    assert admin.get(f"{MACID}_heartbeat")["command_privileges"] == "power"
     assert "running ['id', '-u'] as root" not in daemon.log() and "running ['id', '-u']" in daemon.log()
 
 
