@@ -722,6 +722,8 @@
       const server = doc.server_connected === undefined ? "-" : doc.server_connected ? "connected" : "not connected";
       fact(facts, "Server", server, doc.server_error ? ": " + text(doc.server_error) : "");
       if (doc.spawn) fact(facts, "Spawn", text(doc.spawn.mode), doc.spawn.error ? " (" + text(doc.spawn.error) + ")" : "");
+      // What commands may do there beyond the daemon's user (command_privileges): none, power, root.
+      if (doc.command_privileges) fact(facts, "Command privileges", text(doc.command_privileges));
       fact(facts, "Status document", when(doc.timestamp), " in " + entry.db);
       body.replaceChildren(...programsOf(doc).sort(byName).map(([id, program]) => el("tr", {dataset: {program: id}},
         el("td", {title: id}, text(program.name) || id),

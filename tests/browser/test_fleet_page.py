@@ -123,6 +123,7 @@ def test_a_pi_its_programs_output_error_and_commands(fleet, browser, couch, make
                           (page.programs()), "thermo RUNNING and broken's error")
     assert programs["broken"][0] in ("BACKOFF", "STARTING") and int(programs["broken"][2]) >= 1
     assert "IP" in page.text("pi-facts") and "127.0.0.1" in page.text("pi-facts")
+    assert "Command privileges\nnone" in page.text("pi-facts") or "Command privileges none" in page.text("pi-facts")
 
     # The output tail (written here as the device side will write it), live and as text only.
     output = {"_id": f"{PI}_output", "type": "output", "macid": PI, "timestamp": iso(), "output_tail_lines": 100,
