@@ -199,6 +199,17 @@ class Container:
             time.sleep(0.1)
         return time.monotonic() - start
 
+    def went_down_for_reboot(self, leader: int) -> str | None:
+        """Whether the container rebooted since `leader` was its init: with --keep-unit,
+        systemd-nspawn ends with 133 and leaves the restart to its caller ("exited 133");
+        without, it starts the container's init again itself ("restarted")."""
+        if self.process is None:
+            return None
+        code = self.process.poll()
+        if code is not None:
+            return f"exited {code}"
+        current = self._find_leader()
+        return "restarted" if current not in (None, leader) else None
     def console(self) -> str:
         return self.console_log.read_text(errors="replace") if self.console_log.exists() else ""
 
