@@ -179,9 +179,9 @@ def receive(sock: socket.socket, fds: int = 0, flags: int = 0) -> tuple[dict | N
     try:
         message = json.loads(data)
     except ValueError:
-        raise HelperError("the root helper's answer is not JSON") from None
+        raise HelperError("a message on the root helper's socket is not JSON") from None
     if not isinstance(message, dict):
-        raise HelperError("the root helper's answer is not a JSON object")
+        raise HelperError("a message on the root helper's socket is not a JSON object")
     return message, received
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import config as config_module
 from .privileges import (POWER, POWER_COMMANDS, POWEROFF, REBOOT, RESTART, ROOT, DAEMON_UNIT,
-                         CONFIG_HINT, receive, send)
+                         CONFIG_HINT, HelperError, receive, send)
 
 log = logging.getLogger("himbeerecouch.roothelper")
 
@@ -230,10 +230,13 @@ def power(sock: socket.socket, message: dict, unit: str, power_log: str | None) 
 
 def serve(sock: socket.socket, args: argparse.Namespace) -> None:
     sock.settimeout(REQUEST_SECONDS)
+    pid, uid = peer(sock)
     try:
-        pid, uid = peer(sock)
         check_caller(pid, uid, args.daemon_pid if args.daemon_pid is not None else main_pid(args.unit))
-        message, fds = receive(sock, fds=2)
+        try:
+            message, fds = receive(sock, fds=2)
+        except HelperError as error:
+            raise Refusal(str(error)) from None
         if message is None:
             return
         try:
@@ -251,7 +254,7 @@ def serve(sock: socket.socket, args: argparse.Namespace) -> None:
         else:
             power(sock, message, args.unit, args.power_log)
     except Refusal as refusal:
-        log.warning("refused (caller pid %s): %s", locals().get("pid"), refusal)
+        log.warning("refused (caller pid %d): %s", pid, refusal)
         try:
             send(sock, {"error": str(refusal)})
         except OSError:
