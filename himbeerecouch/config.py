@@ -43,6 +43,8 @@ class Config:
     start_seconds: float = 5.0            # a run this long counts as a good start (resets back-off)
     max_program_bytes: int = 1024 * 1024  # code + modules of one program
     request_timeout_seconds: float = 30.0
+    clock_wait_seconds: float = 120.0     # https: wait this long for NTP (systemd-timesyncd) first; 0: never
+    timesync_flag: str = "/run/systemd/timesync/synchronized"   # timesyncd makes it once synchronised
     command_timeout_seconds: float = 600.0   # when a command document gives no "timeout"
     command_output_cap_bytes: int = 1024 * 1024   # kept per stream (stdout, stderr)
     max_parallel_commands: int = 2
@@ -117,6 +119,10 @@ def _seconds(raw: str) -> float:
     if not math.isfinite(value) or not MIN_SECONDS <= value <= MAX_SECONDS:
         raise ValueError(f"must be a number of seconds from {MIN_SECONDS:g} to {MAX_SECONDS:.0f} (a year)")
     return value
+
+
+def _seconds_or_zero(raw: str) -> float:
+    return 0.0 if raw.strip() in ("0", "0.0") else _seconds(raw)
 
 
 def _integer(raw: str) -> int:
@@ -224,6 +230,8 @@ VALIDATORS: dict[str, Callable[[str], object]] = {
     "start_seconds": _seconds,
     "max_program_bytes": _whole(1),
     "request_timeout_seconds": _seconds,
+    "clock_wait_seconds": _seconds_or_zero,
+    "timesync_flag": _absolute_path,
     "command_timeout_seconds": _seconds,
     "command_output_cap_bytes": _whole(1),
     "max_parallel_commands": _whole(1, MAX_PARALLEL_COMMANDS),

@@ -21,6 +21,7 @@ import traceback
 from typing import Any
 
 from . import credentials, documents, logsetup
+from .clock import ClockGate
 from .config import Config, ConfigError, load
 from .commands import CommandRunner, Limits
 from .couch import Database, split_credentials, redact
@@ -82,6 +83,8 @@ class Daemon:
         self.commands: CommandRunner | None = None
         self.discovery: ProvisioningListener | None = None
         self._commands_key: tuple = ()
+        # Read at start only: once the clock was found synchronised, it stays so.
+        self.clock = ClockGate(config.timesync_flag, config.clock_wait_seconds)
         self._setup(config)
 
     # ---- set-up (also on SIGHUP) ----------------------------------------------------------
@@ -177,6 +180,8 @@ class Daemon:
         return self._device_credentials
 
     def _database(self, name: str) -> Database:
+        if self.server_url.startswith("https:"):
+            self.clock.wait()                  # certificates need the right date (clock.py)
         return Database(self.server_url, name, credentials=self._credentials(),
                         ca_file=self.config.ca_file, timeout=self.config.request_timeout_seconds)
 

@@ -226,6 +226,8 @@ class DaemonProcess:
                          "feed_heartbeat_seconds": "1", "status_interval_seconds": "2",
                          "restart_backoff_max_seconds": "2", "start_seconds": "1",
                          "log_level": "DEBUG", "boot_config": "",
+                         # No systemd-timesyncd here (its folder does not exist): no clock wait.
+                         "timesync_flag": str(tmp / "timesync" / "synchronized"),
                          **({"spawn": TEST_SPAWN} if TEST_SPAWN else {}),
                          **{k: str(v) for k, v in settings.items()}}
         self.process: subprocess.Popen | None = None

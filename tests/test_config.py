@@ -31,6 +31,8 @@ GOOD = {
     "start_seconds": ("2", 2.0),
     "max_program_bytes": ("4096", 4096),
     "request_timeout_seconds": ("10", 10.0),
+    "clock_wait_seconds": ("0", 0.0),
+    "timesync_flag": ("/run/other/synchronized", "/run/other/synchronized"),
     "command_timeout_seconds": ("60", 60.0),
     "command_output_cap_bytes": ("100", 100),
     "max_parallel_commands": ("4", 4),
@@ -67,6 +69,8 @@ BAD = {
     "spawn": ["fork", "", "forkserver"],
     "command_privileges": ["sudo", "", "yes"],
     "root_helper": ["root.sock", ""],
+    "clock_wait_seconds": ["", "soon", "-1", "nan", "inf", "1e300"],
+    "timesync_flag": ["synchronized", ""],
     "boot_config": ["himbeerecouch.txt"],
     **{key: DURATION_BAD for key in (
         "interface_wait_seconds", "grace_seconds", "feed_heartbeat_seconds", "status_interval_seconds",
