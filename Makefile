@@ -34,13 +34,18 @@ pycouchdb-deb:
 package-test:
 	scripts/package-test
 
-# SD card image (README.md, "SD card image").
-.PHONY: image system-test
+# SD card images (README.md, "Flashing a Raspberry Pi" and "Raspberry Pi OS image with pi-gen").
+.PHONY: image system-test sd-image
 
 # build/image/amd64: the test image (image/stage-himbeerecouch applied by image/run-stage to a
 # Debian root, exported as a disk); a real image is built with pi-gen and image/config. Root.
 image: deb
 	image/build-test-image
+
+# dist/himbeerecouch-<version>-raspi-arm64.img.xz (+ .sha256, .img.bmap): the prebuilt SD card
+# image for Raspberry Pi 3/4/400/Zero 2 W, from Debian's archive (image/build-sd-image). Root.
+sd-image:
+	scripts/sd-image
 
 # The system tier: the test image booted under QEMU, the stage on an arm64 root. Root.
 system-test:

@@ -1,19 +1,21 @@
-"""The system tier (README.md, "SD card image"): scripts/system-test runs it.
+"""The system tier (README.md, "Flashing a Raspberry Pi"): scripts/system-test runs it.
 
-It builds the test image from image/stage-himbeerecouch (image/build-test-image: the stage
-applied by image/run-stage, as pi-gen applies it, to a Debian root), boots it under QEMU with
-the console captured, and drives the Pi from the host through a CouchDB-protocol server on the
-host's 127.0.0.1 (the guest reaches it at 10.0.2.2). The stage is also applied to an arm64
-root under binfmt, in the background while the amd64 guest boots.
+It builds the prebuilt SD card image (image/build-sd-image: Debian arm64 with raspi-firmware,
+image/stage-himbeerecouch applied by image/run-stage as pi-gen applies it), checks its files,
+boots it under qemu-system-aarch64 with the console captured, and drives the Pi from the host
+through a CouchDB-protocol server on the host's 127.0.0.1 (the guest reaches it at 10.0.2.2).
+image/run-stage's pi-gen conventions are checked on an amd64 stand-in root
+(image/build-test-image --no-disk).
 
 Skipped unless HIMBEERECOUCH_SYSTEM_TESTS=1: it needs root, QEMU, mmdebstrap, qemu-user-static
-with binfmt, the network to the Debian archive and several minutes.
+with binfmt, the network to the Debian archive and several minutes (the arm64 root is cached in
+/var/cache/himbeerecouch/sd-root by its package list: 10-15 minutes more when it is not there).
 
 Knobs (environment):
-  HIMBEERECOUCH_SYSTEM_DEB     use this .deb instead of building one (make deb on a copy of the tree)
-  HIMBEERECOUCH_SYSTEM_IMAGE   use this image.env (an amd64 image built before) instead of building
-  HIMBEERECOUCH_SYSTEM_SUITE   Debian suite of the images (default trixie, as current pi-gen)
-  HIMBEERECOUCH_SYSTEM_ARM64=0 leave out the arm64 stage check
+  HIMBEERECOUCH_SYSTEM_DEB       use this .deb instead of building one (make deb on a copy of the tree)
+  HIMBEERECOUCH_SYSTEM_SD_IMAGE  use this sd-image.env (an SD image built before) instead of building
+  HIMBEERECOUCH_SYSTEM_IMAGE     use this image.env (an amd64 stand-in root built before)
+  HIMBEERECOUCH_SYSTEM_SUITE     Debian suite of the amd64 stand-in root (default trixie, as current pi-gen)
 Timings go to build/system-test/timings.json and to the end of pytest's report.
 """
 from __future__ import annotations
@@ -22,7 +24,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -106,50 +107,32 @@ def deb(workdir) -> Path:
     return timed("build: make deb", build_deb, workdir)
 
 
-class BackgroundBuild:
-    """image/build-test-image running in the background (the arm64 root, under binfmt)."""
-
-    def __init__(self, arch: str, deb: Path, out: Path) -> None:
-        self.arch = arch
-        self.out = out
-        self.log_path = out.parent / f"build-{arch}.log"
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            [str(ROOT / "image" / "build-test-image"), "--arch", arch, "--suite", SUITE, "--deb", str(deb),
-             "--out", str(out), "--no-disk"],
-            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, env=CLEAN_ENV, cwd=ROOT)
-
-    def wait(self, timeout: float = 1800) -> dict[str, str]:
-        code = self.process.wait(timeout=timeout)
-        TIMINGS[f"build: {self.arch} root with the stage (background)"] = round(time.monotonic() - self.started, 1)
-        assert code == 0, f"build-test-image --arch {self.arch} exited {code}:\n{self.log_path.read_text()[-5000:]}"
-        return read_env_file(self.out / "image.env")
-
-
 @pytest.fixture(scope="session")
-def arm64_build(workdir, deb):
-    if os.environ.get("HIMBEERECOUCH_SYSTEM_ARM64", "1") == "0":
-        pytest.skip("HIMBEERECOUCH_SYSTEM_ARM64=0")
-    build = BackgroundBuild("arm64", deb, workdir / "arm64")
-    yield build
-    if build.process.poll() is None:
-        build.process.terminate()
-        build.process.wait(timeout=60)
-
-
-@pytest.fixture(scope="session")
-def image(workdir, deb, request) -> dict[str, str]:
-    """The amd64 test image: image.env's values (DISK, BOOT_OFFSET, KERNEL, INITRD, CMDLINE, ROOTFS)."""
+def image(workdir, deb) -> dict[str, str]:
+    """The amd64 stand-in for pi-gen's stages 0-2 with the stage applied (no disk): image.env's
+    values (ROOTFS; the stand-in root is ROOTFS/../../stage2/rootfs)."""
     given = os.environ.get("HIMBEERECOUCH_SYSTEM_IMAGE")
     if given:
         return read_env_file(Path(given))
-    if os.environ.get("HIMBEERECOUCH_SYSTEM_ARM64", "1") != "0":
-        request.getfixturevalue("arm64_build")         # started first: it runs while this one builds and boots
     out = workdir / "amd64"
-    timed("build: amd64 image (build-test-image)", run,
+    timed("build: amd64 stand-in root (build-test-image --no-disk)", run,
           [str(ROOT / "image" / "build-test-image"), "--arch", "amd64", "--suite", SUITE, "--deb", str(deb),
-           "--out", str(out)], env=CLEAN_ENV, cwd=ROOT, log=workdir / "build-amd64.log")
-    stages = json.loads((out / "timings.json").read_text())
-    for key, value in stages.items():
-        TIMINGS[f"build: amd64 {key}"] = value
+           "--out", str(out), "--no-disk"], env=CLEAN_ENV, cwd=ROOT, log=workdir / "build-amd64.log")
     return read_env_file(out / "image.env")
+
+
+@pytest.fixture(scope="session")
+def sd_image(workdir, deb) -> dict[str, str]:
+    """The prebuilt SD card image, uncompressed: sd-image.env's values (IMAGE, BOOT_OFFSET,
+    ROOT_OFFSET, ROOT_SIZE, DISK_ID, ROOTFS, KERNEL_VERSION, ROOT_CACHE)."""
+    given = os.environ.get("HIMBEERECOUCH_SYSTEM_SD_IMAGE")
+    if given:
+        return read_env_file(Path(given))
+    out = workdir / "sd"
+    timed("build: SD card image (build-sd-image --no-compress)", run,
+          [str(ROOT / "image" / "build-sd-image"), "--deb", str(deb), "--out", str(out), "--no-compress"],
+          env=CLEAN_ENV, cwd=ROOT, log=workdir / "build-sd.log", timeout=3600)
+    stages = json.loads((out / "sd-image-timings.json").read_text())
+    for key, value in stages.items():
+        TIMINGS[f"build: SD {key}"] = value
+    return read_env_file(out / "sd-image.env")

@@ -112,6 +112,7 @@ class Guest:
         return "tcg"
 
     def command(self) -> list[str]:
+        """An amd64 PC with the test image's kernel, the journal on the second serial port."""
         return [
             "qemu-system-x86_64", "-nodefaults", "-machine", "q35", "-accel", self.accelerator(),
             "-m", str(self.memory_mb), "-smp", "1", "-display", "none", "-monitor", "none",
@@ -206,3 +207,57 @@ class Guest:
         if self.running():
             self.process.kill()
             self.process.wait(timeout=30)
+
+
+def fat_file(card: Path, offset: int, name: str, target: Path) -> Path:
+    """A file of the card's FAT partition copied out (mtools, no mount)."""
+    subprocess.run(["mcopy", "-o", "-n", "-i", f"{card}@@{offset}", f"::/{name}", str(target)], env=MTOOLS_ENV,
+                   check=True)
+    return target
+
+
+def pi_boot_files(card: Path, offset: int, folder: Path) -> dict[str, str]:
+    """What a Pi's firmware reads from the FAT partition: config.txt's kernel and initramfs
+    (copied out beside the card) and cmdline.txt's kernel command line."""
+    config = boot_file(card, offset, "config.txt")
+    kernel = re.search(r"^kernel=(\S+)$", config, re.MULTILINE)
+    initramfs = re.search(r"^initramfs (\S+)", config, re.MULTILINE)
+    assert kernel and initramfs, f"config.txt names no kernel and initramfs:\n{config}"
+    return {
+        "KERNEL": str(fat_file(card, offset, kernel.group(1), folder / kernel.group(1))),
+        "INITRD": str(fat_file(card, offset, initramfs.group(1), folder / initramfs.group(1))),
+        "CMDLINE": boot_file(card, offset, "cmdline.txt").strip(),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PiGuest(Guest):
+    """A boot of an SD card under qemu-system-aarch64 -M virt (TCG): QEMU cannot run a Pi's boot
+    firmware, so it loads the kernel and initramfs that config.txt names, with cmdline.txt's
+    command line, as the firmware would. virt has one serial port (ttyAMA0): it is added as
+    the last console, which gets what a Pi shows on its screen. The disk is the card itself
+    (raw), so that its FAT partition can be read afterwards. SSH is forwarded to the host's
+    127.0.0.1:`ssh_port`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ssh_port = free_port()
+
+    def command(self) -> list[str]:
+        return [
+            "qemu-system-aarch64", "-nodefaults", "-machine", "virt", "-cpu", "cortex-a72", "-accel", "tcg",
+            "-m", str(self.memory_mb), "-smp", "2", "-display", "none", "-monitor", "none",
+            "-serial", f"file:{self.console_path}",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-kernel", self.image["KERNEL"], "-initrd", self.image["INITRD"],
+            "-append", f"{self.image['CMDLINE']} console=ttyAMA0,115200",
+            "-drive", f"file={self.disk},if=virtio,format=raw",
+            "-nic", f"user,model=virtio-net-pci,mac={self.mac},hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+            "-device", "virtio-rng-pci",
+            "-no-reboot",
+        ]
