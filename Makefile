@@ -37,16 +37,16 @@ package-test:
 # SD card images (README.md, "Flashing a Raspberry Pi" and "Raspberry Pi OS image with pi-gen").
 .PHONY: image system-test sd-image
 
-# build/image/amd64: the test image (image/stage-himbeerecouch applied by image/run-stage to a
-# Debian root, exported as a disk); a real image is built with pi-gen and image/config. Root.
+# build/image/amd64: image/stage-himbeerecouch applied by image/run-stage to a Debian root that
+# stands in for Raspberry Pi OS Lite (a real one is built with pi-gen and image/config). Root.
 image: deb
 	image/build-test-image
 
-# dist/himbeerecouch-<version>-raspi-arm64.img.xz (+ .sha256, .img.bmap): the prebuilt SD card
+# dist/himbeerecouch-<version>-raspi-arm64.img.xz (+ .sha256, .img.bmap, .rpi-imager.json): the prebuilt SD card
 # image for Raspberry Pi 3/4/400/Zero 2 W, from Debian's archive (image/build-sd-image). Root.
 sd-image:
 	scripts/sd-image
 
-# The system tier: the test image booted under QEMU, the stage on an arm64 root. Root.
+# The system tier: the SD card image checked and booted under QEMU (aarch64), the stage. Root.
 system-test:
 	scripts/system-test

@@ -5,7 +5,7 @@ image/stage-himbeerecouch applied by image/run-stage as pi-gen applies it), chec
 boots it under qemu-system-aarch64 with the console captured, and drives the Pi from the host
 through a CouchDB-protocol server on the host's 127.0.0.1 (the guest reaches it at 10.0.2.2).
 image/run-stage's pi-gen conventions are checked on an amd64 stand-in root
-(image/build-test-image --no-disk).
+(image/build-test-image).
 
 Skipped unless HIMBEERECOUCH_SYSTEM_TESTS=1: it needs root, QEMU, mmdebstrap, qemu-user-static
 with binfmt, the network to the Debian archive and several minutes (the arm64 root is cached in
@@ -115,9 +115,9 @@ def image(workdir, deb) -> dict[str, str]:
     if given:
         return read_env_file(Path(given))
     out = workdir / "amd64"
-    timed("build: amd64 stand-in root (build-test-image --no-disk)", run,
+    timed("build: amd64 stand-in root (build-test-image)", run,
           [str(ROOT / "image" / "build-test-image"), "--arch", "amd64", "--suite", SUITE, "--deb", str(deb),
-           "--out", str(out), "--no-disk"], env=CLEAN_ENV, cwd=ROOT, log=workdir / "build-amd64.log")
+           "--out", str(out)], env=CLEAN_ENV, cwd=ROOT, log=workdir / "build-amd64.log")
     return read_env_file(out / "image.env")
 
 

@@ -1,11 +1,10 @@
-"""Plumbing of the system tier: the test image's disks and a QEMU guest booting one of them."""
+"""Plumbing of the system tier: SD cards (image files) and a QEMU guest booting one of them."""
 from __future__ import annotations
 
 import json
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import time
@@ -70,145 +69,6 @@ def write_boot_file(card: Path, offset: int, text: str, scratch: Path, name: str
                    check=True)
 
 
-def overlay(backing: Path, path: Path) -> None:
-    """A qcow2 disk on top of `backing`, which stays as it is."""
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "raw", str(path)],
-                   check=True)
-
-
-def copy_disk(source: Path, target: Path) -> None:
-    shutil.copyfile(source, target)
-
-
-# ---- the guest ------------------------------------------------------------------------------
-
-class Guest:
-    """One boot of a disk under QEMU (TCG; KVM only when the CPU has vmx or svm).
-
-    The first serial port is the console (what a Pi shows on its screen): `console.log`. The
-    test image forwards the journal to the second one: `journal.log`.
-    """
-
-    def __init__(self, name: str, disk: Path, image: dict[str, str], mac: str, folder: Path,
-                 memory_mb: int = 1024) -> None:
-        self.name = name
-        self.disk = disk
-        self.image = image
-        self.mac = mac
-        self.folder = folder
-        self.memory_mb = memory_mb
-        self.console_path = folder / f"{name}-console.log"
-        self.journal_path = folder / f"{name}-journal.log"
-        self.qmp_path = folder / f"{name}.qmp"
-        self.process: subprocess.Popen | None = None
-        self.started = 0.0
-        self.marks: dict[str, float] = {}
-
-    @staticmethod
-    def accelerator() -> str:
-        flags = Path("/proc/cpuinfo").read_text()
-        if re.search(r"\b(vmx|svm)\b", flags) and os.access("/dev/kvm", os.R_OK | os.W_OK):
-            return "kvm"
-        return "tcg"
-
-    def command(self) -> list[str]:
-        """An amd64 PC with the test image's kernel, the journal on the second serial port."""
-        return [
-            "qemu-system-x86_64", "-nodefaults", "-machine", "q35", "-accel", self.accelerator(),
-            "-m", str(self.memory_mb), "-smp", "1", "-display", "none", "-monitor", "none",
-            "-serial", f"file:{self.console_path}", "-serial", f"file:{self.journal_path}",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-kernel", self.image["KERNEL"], "-initrd", self.image["INITRD"], "-append", self.image["CMDLINE"],
-            "-drive", f"file={self.disk},if=virtio,format=qcow2",
-            "-nic", f"user,model=virtio-net-pci,mac={self.mac}",
-            "-no-reboot",
-        ]
-
-    def start(self) -> None:
-        for path in (self.console_path, self.journal_path, self.qmp_path):
-            path.unlink(missing_ok=True)
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                        stdout=open(self.folder / f"{self.name}-qemu.log", "wb"),
-                                        stderr=subprocess.STDOUT)
-
-    def elapsed(self) -> float:
-        return round(time.monotonic() - self.started, 1)
-
-    def mark(self, label: str) -> float:
-        """Seconds since QEMU started, recorded under `label` (the first time only)."""
-        self.marks.setdefault(label, self.elapsed())
-        return self.marks[label]
-
-    @staticmethod
-    def _read(path: Path) -> str:
-        try:
-            return ANSI.sub("", path.read_bytes().decode("utf-8", "replace"))
-        except FileNotFoundError:
-            return ""
-
-    def console(self) -> str:
-        return self._read(self.console_path)
-
-    def journal(self) -> str:
-        return self._read(self.journal_path)
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait_console(self, pattern: str, timeout: float, label: str | None = None) -> re.Match:
-        """The first match of `pattern` (a regex, multiline) on the console."""
-        regex = re.compile(pattern, re.MULTILINE)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.console())
-            if match:
-                if label:
-                    self.mark(label)
-                return match
-            if not self.running():
-                raise AssertionError(f"{self.name}: QEMU exited ({self.process.returncode}) before "
-                                     f"{pattern!r} appeared:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: no {pattern!r} on the console after {timeout} s:\n{self.tail()}")
-            time.sleep(0.5)
-
-    def tail(self, chars: int = 4000) -> str:
-        return (f"--- console ({self.console_path}) ---\n{self.console()[-chars:]}\n"
-                f"--- journal ({self.journal_path}) ---\n{self.journal()[-chars:]}")
-
-    def _qmp(self, *commands: str) -> None:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(10)
-            sock.connect(str(self.qmp_path))
-            stream = sock.makefile("rw")
-            stream.readline()                                     # the greeting
-            for command in ("qmp_capabilities", *commands):
-                stream.write(json.dumps({"execute": command}) + "\n")
-                stream.flush()
-                stream.readline()
-
-    def poweroff(self, timeout: float = 120.0) -> str:
-        """The power button (ACPI), as a person would press it; a kill when nothing happens.
-
-        Returns "clean" or "killed".
-        """
-        if not self.running():
-            return "exited"
-        try:
-            self._qmp("system_powerdown")
-            self.process.wait(timeout=timeout)
-            return "clean"
-        except (OSError, subprocess.TimeoutExpired):
-            self.kill()
-            return "killed"
-
-    def kill(self) -> None:
-        if self.running():
-            self.process.kill()
-            self.process.wait(timeout=30)
-
-
 def fat_file(card: Path, offset: int, name: str, target: Path) -> Path:
     """A file of the card's FAT partition copied out (mtools, no mount)."""
     subprocess.run(["mcopy", "-o", "-n", "-i", f"{card}@@{offset}", f"::/{name}", str(target)], env=MTOOLS_ENV,
@@ -236,17 +96,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class PiGuest(Guest):
-    """A boot of an SD card under qemu-system-aarch64 -M virt (TCG): QEMU cannot run a Pi's boot
-    firmware, so it loads the kernel and initramfs that config.txt names, with cmdline.txt's
-    command line, as the firmware would. virt has one serial port (ttyAMA0): it is added as
-    the last console, which gets what a Pi shows on its screen. The disk is the card itself
-    (raw), so that its FAT partition can be read afterwards. SSH is forwarded to the host's
-    127.0.0.1:`ssh_port`."""
+# ---- the guest ------------------------------------------------------------------------------
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+class Guest:
+    """One boot of an SD card under qemu-system-aarch64 -M virt (TCG: there is no KVM for an
+    arm64 guest here).
+
+    QEMU cannot run a Pi's boot firmware, so it loads the kernel and initramfs that config.txt
+    names, with cmdline.txt's command line (`pi_boot_files`), as the firmware would. virt has
+    one serial port (ttyAMA0): it is added as the last console, which gets what a Pi shows on
+    its screen: `console.log`. The disk is the card itself (raw), so that its FAT partition can
+    be read afterwards. SSH is forwarded to the host's 127.0.0.1:`ssh_port`.
+    """
+
+    def __init__(self, name: str, disk: Path, boot: dict[str, str], mac: str, folder: Path,
+                 memory_mb: int = 1024) -> None:
+        self.name = name
+        self.disk = disk
+        self.boot = boot
+        self.mac = mac
+        self.folder = folder
+        self.memory_mb = memory_mb
+        self.console_path = folder / f"{name}-console.log"
+        self.qmp_path = folder / f"{name}.qmp"
         self.ssh_port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.started = 0.0
+        self.marks: dict[str, float] = {}
 
     def command(self) -> list[str]:
         return [
@@ -254,10 +130,92 @@ class PiGuest(Guest):
             "-m", str(self.memory_mb), "-smp", "2", "-display", "none", "-monitor", "none",
             "-serial", f"file:{self.console_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-            "-kernel", self.image["KERNEL"], "-initrd", self.image["INITRD"],
-            "-append", f"{self.image['CMDLINE']} console=ttyAMA0,115200",
+            "-kernel", self.boot["KERNEL"], "-initrd", self.boot["INITRD"],
+            "-append", f"{self.boot['CMDLINE']} console=ttyAMA0,115200",
             "-drive", f"file={self.disk},if=virtio,format=raw",
             "-nic", f"user,model=virtio-net-pci,mac={self.mac},hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
             "-device", "virtio-rng-pci",
             "-no-reboot",
         ]
+
+    def start(self) -> None:
+        for path in (self.console_path, self.qmp_path):
+            path.unlink(missing_ok=True)
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                        stdout=open(self.folder / f"{self.name}-qemu.log", "wb"),
+                                        stderr=subprocess.STDOUT)
+
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.started, 1)
+
+    def mark(self, label: str) -> float:
+        """Seconds since QEMU started, recorded under `label` (the first time only)."""
+        self.marks.setdefault(label, self.elapsed())
+        return self.marks[label]
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        try:
+            return ANSI.sub("", path.read_bytes().decode("utf-8", "replace"))
+        except FileNotFoundError:
+            return ""
+
+    def console(self) -> str:
+        return self._read(self.console_path)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_console(self, pattern: str, timeout: float, label: str | None = None) -> re.Match:
+        """The first match of `pattern` (a regex, multiline) on the console."""
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.console())
+            if match:
+                if label:
+                    self.mark(label)
+                return match
+            if not self.running():
+                raise AssertionError(f"{self.name}: QEMU exited ({self.process.returncode}) before "
+                                     f"{pattern!r} appeared:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: no {pattern!r} on the console after {timeout} s:\n{self.tail()}")
+            time.sleep(0.5)
+
+    def tail(self, chars: int = 4000) -> str:
+        return f"--- console ({self.console_path}) ---\n{self.console()[-chars:]}"
+
+    def _qmp(self, *commands: str) -> None:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.qmp_path))
+            stream = sock.makefile("rw")
+            stream.readline()                                     # the greeting
+            for command in ("qmp_capabilities", *commands):
+                stream.write(json.dumps({"execute": command}) + "\n")
+                stream.flush()
+                stream.readline()
+
+    def poweroff(self, timeout: float = 120.0) -> str:
+        """The power button (virt's GPIO key, which systemd-logind takes), as a person would
+        press it; a kill when nothing happens.
+
+        Returns "clean" or "killed".
+        """
+        if not self.running():
+            return "exited"
+        try:
+            self._qmp("system_powerdown")
+            self.process.wait(timeout=timeout)
+            return "clean"
+        except (OSError, subprocess.TimeoutExpired):
+            self.kill()
+            return "killed"
+
+    def kill(self) -> None:
+        if self.running():
+            self.process.kill()
+            self.process.wait(timeout=30)
+
