@@ -11,6 +11,7 @@ b8:27:eb:65:43:21.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import requests
 
 from guest import (MTOOLS_ENV, TIMINGS, Guest, boot_file, flash, macid, pi_boot_files, run,
                    write_boot_file)
-from support import ADMIN, wait_for
+from support import ADMIN, ROOT, wait_for
 
 MAC_1 = "b8:27:eb:12:34:56"
 MAC_2 = "b8:27:eb:65:43:21"
@@ -363,3 +364,32 @@ class TestSdCardBoots:
         story.login_prompt(guest, int(creds["macid"]))
         story.record(guest)
         TIMINGS["shutdown 3-clone"] = guest.poweroff(timeout=300)
+
+
+def test_publish_makes_what_a_download_needs(tmp_path):
+    """image/publish-sd-image on a small card image: block map, xz, checksum, Imager's list."""
+    image = tmp_path / "himbeerecouch-9.8.7-raspi-arm64.img"
+    with open(image, "wb") as stream:
+        stream.truncate(64 * 1024 * 1024)               # sparse, as a card image is
+        for offset in (0, 5 * 1024 * 1024, 40 * 1024 * 1024):
+            stream.seek(offset)
+            stream.write(os.urandom(300 * 1024))
+    run([str(ROOT / "image" / "publish-sd-image"), "--url-base", "https://example.org/pis/", str(image)])
+    xz = Path(f"{image}.xz")
+    restored = tmp_path / "restored.img"
+    with open(restored, "wb") as stream:
+        subprocess.run(["xz", "-dc", str(xz)], stdout=stream, check=True)
+    run(["cmp", str(image), str(restored)])
+    assert run(["sha256sum", "-c", f"{xz.name}.sha256"], cwd=tmp_path).stdout.strip() == f"{xz.name}: OK"
+    copy = tmp_path / "card.img"
+    run(["bmaptool", "copy", str(xz), str(copy)])        # finds the .img.bmap beside the .img.xz
+    run(["cmp", str(image), str(copy)])
+    listing = json.loads((tmp_path / "himbeerecouch-9.8.7-raspi-arm64.rpi-imager.json").read_text())
+    entry, = listing["os_list"]
+    assert entry["url"] == f"https://example.org/pis/{xz.name}"
+    assert entry["extract_size"] == image.stat().st_size
+    assert entry["extract_sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert entry["image_download_size"] == xz.stat().st_size
+    assert entry["image_download_sha256"] == hashlib.sha256(xz.read_bytes()).hexdigest()
+    assert entry["name"].startswith("himbeerecouch 9.8.7 ")
+    assert "init_format" not in entry        # no Imager customisation: the card is set up on its FAT
