@@ -103,6 +103,21 @@ def test_a_wrong_setting_is_logged_and_skipped(card, line, problem):
     assert os.readlink(card / "etc" / "localtime") == "/usr/share/zoneinfo/Etc/UTC"
 
 
+def test_an_unchanged_setting_is_not_written_again(card):
+    """Every boot runs the setup: what is already so costs the SD card no write."""
+    text = f"[system]\ntimezone = Europe/Zurich\nntp = ntp.example.org\nssh_key = {KEY}\n"
+    assert setup(card, boot_file=text).returncode == 0
+    files = [card / "etc" / "hostname", card / "etc" / "hosts", card / "etc" / "timezone",
+             card / "etc" / "systemd" / "timesyncd.conf.d" / "50-himbeerecouch-card.conf",
+             card / "home" / "admin" / ".ssh" / "authorized_keys", card / "etc" / "sudoers.d" / "50-himbeerecouch-admin"]
+    before = {path: path.stat().st_ino for path in files}
+    assert setup(card, boot_file=text).returncode == 0
+    assert {path: path.stat().st_ino for path in files} == before
+    # A change is written.
+    assert setup(card, boot_file=text, macid=MACID + 1).returncode == 0
+    assert (card / "etc" / "hostname").stat().st_ino != before[card / "etc" / "hostname"]
+
+
 def test_no_macid_gives_a_plain_host_name(card):
     assert setup(card, macid=None).returncode == 0
     assert (card / "etc" / "hostname").read_text() == "himbeerecouch\n"
