@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -393,3 +394,44 @@ def test_publish_makes_what_a_download_needs(tmp_path):
     assert entry["image_download_sha256"] == hashlib.sha256(xz.read_bytes()).hexdigest()
     assert entry["name"].startswith("himbeerecouch 9.8.7 ")
     assert "init_format" not in entry        # no Imager customisation: the card is set up on its FAT
+
+
+def test_an_old_cached_root_is_made_anew_and_kept_if_that_fails(tmp_path):
+    """Past --max-root-age the arm64 root is made anew, for the archive's security updates; with
+    no mirror to make it from, the old root is kept and the build stops, saying how to go on."""
+    cache = tmp_path / "cache"
+    build = [str(ROOT / "image" / "build-sd-image"), "--root-only", "--cache-dir", str(cache),
+             "--out", str(tmp_path / "out"), "--mirror", "http://127.0.0.1:9/debian"]
+
+    def build_root(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(build + list(extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=600)
+
+    first = build_root()
+    assert first.returncode == 1, first.stdout
+    cached = Path(re.search(r"mmdebstrap \S+ \S+ into (\S+\.tar) ", first.stdout).group(1))
+    assert cached.parent == cache
+    assert not cached.exists() and not Path(f"{cached}.partial").exists()
+
+    cached.write_bytes(b"a root")
+    made = Path(f"{cached}.ok")
+    made.touch()
+    fresh = build_root()
+    assert fresh.returncode == 0, fresh.stdout
+    assert "arm64 root from the cache, made 0 days ago" in fresh.stdout
+    assert "mmdebstrap" not in fresh.stdout
+
+    eight_days_ago = time.time() - 8 * 86400
+    os.utime(made, (eight_days_ago, eight_days_ago))
+    old = build_root()
+    assert old.returncode == 1, old.stdout
+    assert "made 8 days ago, more than --max-root-age 7: it is made anew" in old.stdout
+    assert "mmdebstrap failed" in old.stdout
+    assert "the cached root, 8 days old, is kept; to build from it as it is: --max-root-age 0" in old.stdout
+    assert cached.read_bytes() == b"a root" and made.exists()
+    assert not Path(f"{cached}.partial").exists()
+
+    as_it_is = build_root("--max-root-age", "0")
+    assert as_it_is.returncode == 0, as_it_is.stdout
+    assert "arm64 root from the cache, made 8 days ago" in as_it_is.stdout
+    assert build_root("--max-root-age", "a week").returncode == 2
