@@ -140,6 +140,17 @@ def test_ssh_key_turns_ssh_on_for_the_admin_user_only_while_it_is_there(card):
     assert "SSH is off" in result.stdout
 
 
+def test_keys_taken_off_the_card_are_removed_once(card):
+    """With no key the emptied authorized_keys is left alone at the next boots."""
+    assert setup(card, boot_file=f"[system]\nssh_key = {KEY}\n").returncode == 0
+    authorized = card / "home" / "admin" / ".ssh" / "authorized_keys"
+    assert "SSH is off" in setup(card, boot_file="[system]\n").stdout
+    emptied = authorized.stat().st_ino
+    again = setup(card, boot_file="[system]\n")
+    assert again.returncode == 0 and "SSH is off" not in again.stdout
+    assert authorized.read_text() == "" and authorized.stat().st_ino == emptied
+
+
 def test_a_key_in_the_daemons_section_is_not_taken(card):
     assert setup(card, boot_file=f"ssh_key = {KEY}\n[himbeerecouch]\nssh_key = {KEY}\n").returncode == 0
     assert not (card / "home" / "admin").exists()
